@@ -1,0 +1,27 @@
+"""moelora: mixture-of-LoRA-experts routing on frozen Hugging Face models.
+
+    import moelora
+    cfg = moelora.MoELoRAConfig(target_modules=["query", "value"], num_experts=8, top_k=2)
+    model = moelora.inject(hf_model, cfg)
+    loss = model(**batch).loss + moelora.aux_loss(model)
+    moelora.save_adapter(model, "out/")
+
+Nothing here imports triton: the Triton kernels load on first use, so ``import moelora`` works on
+machines without triton or a GPU.
+"""
+
+from .balance import LayerStats, LoadTracker
+from .config import MoELoRAConfig, config_from_dict, register_config
+from .experts import ExpertBank
+from .inject import aux_loss, disable_adapters, inject, routing_stats, trainable_parameters, unwrap
+from .io import load_adapter, save_adapter
+from .layer import MoELoRALinear, wrapped_layers
+from .routers import Routing, TopKRouter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertBank", "LayerStats", "LoadTracker", "MoELoRAConfig", "MoELoRALinear", "Routing", "TopKRouter",
+    "aux_loss", "config_from_dict", "disable_adapters", "inject", "load_adapter", "register_config",
+    "routing_stats", "save_adapter", "trainable_parameters", "unwrap", "wrapped_layers",
+]

@@ -1,0 +1,182 @@
+"""Load balancing: auxiliary losses (in the autograd graph) and the routing-statistics tracker.
+
+Statistics are recorded once per real forward: a recomputation under activation checkpointing
+(which runs inside the backward pass) is not counted again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _masked_mean(values: Tensor, token_mask: Tensor | None) -> Tensor:
+    """Mean over the token dim (dim 0) of ``values [T, ...]`` restricted to ``token_mask [T]``."""
+    if token_mask is None:
+        return values.mean(0)
+    m = token_mask.to(values.dtype).view(-1, *([1] * (values.dim() - 1)))
+    return (values * m).sum(0) / m.sum().clamp(min=1)
+
+
+def switch_loss(probs: Tensor, expert_ids: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """Switch / GShard load-balancing loss, top-k form: ``E · Σ_e f_e · P_e``.
+
+    Args:
+        probs: ``[T, E]`` router probabilities (differentiable).
+        expert_ids: ``[T, k]`` chosen experts before any capacity drop (``-1`` ignored).
+        token_mask: ``[T]`` bool, real tokens; padding is excluded from both f and P.
+
+    Returns:
+        Scalar; exactly 1 when routing and probabilities are uniform, larger when unbalanced.
+    """
+    num_experts = probs.shape[1]
+    valid = expert_ids >= 0
+    if token_mask is not None:
+        valid = valid & token_mask.view(-1, 1)
+    counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
+    counts = counts.index_add(0, expert_ids[valid].long(), torch.ones_like(expert_ids[valid], dtype=probs.dtype))
+    f = counts / counts.sum().clamp(min=1)
+    p = _masked_mean(probs, token_mask)
+    return num_experts * (f.detach() * p).sum()
+
+
+def z_loss(logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """Router z-loss (ST-MoE): ``mean_t logsumexp(logits_t)²``; ``logits [T, E]``."""
+    return _masked_mean(torch.logsumexp(logits.float(), dim=-1) ** 2, token_mask)
+
+
+def recomputing() -> bool:
+    """True while autograd runs a backward pass (where checkpointed forwards are recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class LayerStats:
+    """Accumulated routing statistics of one wrapped layer (all tensors on CPU, float64).
+
+    Attributes:
+        counts: ``[E]`` slots routed to each expert (after drops).
+        prob_sum: ``[E]`` sum of router probabilities over tokens (``mean_probs`` divides by tokens).
+        dropped: ``[E]`` slots that were routed to an expert but dropped.
+        coactivation: ``[E, E]`` how often two experts were chosen for the same token.
+        tokens: real tokens seen.
+        forwards: forward passes recorded.
+    """
+
+    counts: Tensor
+    prob_sum: Tensor
+    dropped: Tensor
+    coactivation: Tensor
+    tokens: int = 0
+    forwards: int = 0
+
+    @classmethod
+    def empty(cls, num_experts: int) -> "LayerStats":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        return cls(z(num_experts), z(num_experts), z(num_experts), z(num_experts, num_experts))
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.numel()
+
+    @property
+    def load(self) -> Tensor:
+        """``[E]`` share of routed slots per expert (sums to 1; zeros before any token)."""
+        total = self.counts.sum()
+        return self.counts / total if total > 0 else self.counts.clone()
+
+    @property
+    def mean_probs(self) -> Tensor:
+        """``[E]`` mean router probability per expert."""
+        return self.prob_sum / max(self.tokens, 1)
+
+    @property
+    def entropy(self) -> float:
+        """Normalised entropy of the load in [0, 1]: 1 = perfectly balanced (1.0 when E = 1)."""
+        if self.num_experts == 1:
+            return 1.0
+        p = self.load[self.load > 0]
+        return float(-(p * p.log()).sum() / math.log(self.num_experts)) if p.numel() else 0.0
+
+    @property
+    def max_share(self) -> float:
+        """Largest expert's share of the routed slots."""
+        return float(self.load.max()) if self.counts.sum() > 0 else 0.0
+
+    @property
+    def dead_fraction(self) -> float:
+        """Fraction of experts that received no slot."""
+        return float((self.counts == 0).double().mean())
+
+    @property
+    def drop_rate(self) -> float:
+        """Dropped slots / (kept + dropped slots)."""
+        total = float(self.counts.sum() + self.dropped.sum())
+        return float(self.dropped.sum()) / total if total > 0 else 0.0
+
+    def summary(self) -> dict[str, float]:
+        """Bounded scalars for loggers."""
+        return {"entropy": self.entropy, "max_share": self.max_share,
+                "dead_fraction": self.dead_fraction, "drop_rate": self.drop_rate,
+                "tokens": float(self.tokens)}
+
+
+class LoadTracker:
+    """Accumulates :class:`LayerStats` per wrapped layer, keyed by module name."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, LayerStats] = {}
+        self.enabled = True
+
+    @torch.no_grad()
+    def record(self, name: str, num_experts: int, expert_ids: Tensor, probs: Tensor | None,
+               dropped: Tensor | None, token_mask: Tensor | None) -> None:
+        """Add one forward's routing of layer ``name``; skipped during checkpoint recompute.
+
+        Args:
+            expert_ids: ``[T, k]`` with ``-1`` for empty slots.
+            probs: ``[T, E]`` or ``None``.
+            dropped: ``[E]`` dropped-slot counts or ``None``.
+            token_mask: ``[T]`` bool real tokens, or ``None`` (all real).
+        """
+        if not self.enabled or recomputing():
+            return
+        stats = self.layers.get(name)
+        if stats is None:
+            stats = self.layers[name] = LayerStats.empty(num_experts)
+        ids = expert_ids if token_mask is None else expert_ids[token_mask]
+        chosen = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float64, device=ids.device)
+        chosen.scatter_(1, torch.where(ids >= 0, ids, num_experts).long(), 1.0)
+        chosen = chosen[:, :num_experts]
+        stats.counts += chosen.sum(0).cpu()
+        stats.coactivation += (chosen.t() @ chosen).cpu()
+        if probs is not None:
+            p = probs if token_mask is None else probs[token_mask]
+            stats.prob_sum += p.double().sum(0).cpu()
+        if dropped is not None:
+            stats.dropped += dropped.double().cpu()
+        stats.tokens += int(ids.shape[0])
+        stats.forwards += 1
+
+    def reset(self) -> None:
+        self.layers.clear()
+
+    def all_reduce(self) -> None:
+        """Sum every layer's statistics across distributed ranks (no-op when not distributed).
+
+        Every rank must hold the same layer names (true for the same model and data pipeline).
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for name in sorted(self.layers):
+            s = self.layers[name]
+            flat = torch.cat([s.counts, s.prob_sum, s.dropped, s.coactivation.flatten(),
+                              torch.tensor([s.tokens, s.forwards], dtype=torch.float64)])
+            torch.distributed.all_reduce(flat)
+            e = s.num_experts
+            s.counts, s.prob_sum, s.dropped = flat[:e], flat[e:2 * e], flat[2 * e:3 * e]
+            s.coactivation = flat[3 * e:3 * e + e * e].view(e, e)
+            s.tokens, s.forwards = int(flat[-2]), int(flat[-1])

@@ -1,0 +1,244 @@
+"""Put MoE-LoRA layers into a model and take them out again (PEFT-style, in place).
+
+``inject`` validates everything before it changes anything: on any error the model is exactly
+as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoELoRAConfig
+from .experts import ExpertBank
+from .layer import MoELoRALinear, wrapped_layers
+from .state import STATE_ATTR, AdapterState, get_state
+from .targeting import find_targets, linear_features, name_matches
+
+
+class SavedModule(nn.Module):
+    """A ``modules_to_save`` entry: a trainable copy in front of the untouched original.
+
+    Its state-dict keys are ``<path>.trained_module.*``; ``unwrap`` puts the original back.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.trained_module = copy.deepcopy(original)
+        for p in self.trained_module.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        return self.trained_module(*args, **kwargs)
+
+
+def module_generator(seed: int | None, name: str) -> torch.Generator | None:
+    """A CPU generator seeded from ``(seed, name)``, or ``None`` (global RNG) when seed is None."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _find_saved_modules(model: nn.Module, names: Sequence[str] | None) -> list[str]:
+    if not names:
+        return []
+    found = [n for n, _ in model.named_modules() if n and name_matches(n, list(names))]
+    # Keep only outermost matches: wrapping a module and its own child would save it twice.
+    found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+    missing = [want for want in names if not any(name_matches(n, [want]) for n in found)]
+    if missing:
+        raise ValueError(f"modules_to_save entries {missing} match no module of {type(model).__name__}.")
+    return found
+
+
+def inject(model: nn.Module, config: MoELoRAConfig, *,
+           expert_ranks: Mapping[str, Sequence[int]] | None = None,
+           expert_scales: Mapping[str, Sequence[float]] | None = None) -> nn.Module:
+    """Wrap ``config.target_modules`` of ``model`` with MoE-LoRA layers, freeze the rest, in place.
+
+    Args:
+        model: any ``nn.Module`` (usually a ``transformers`` model).
+        config: a :class:`~moelora.config.MoELoRAConfig` (or a method subclass).
+        expert_ranks: optional per-module list of expert ranks (heterogeneous banks, rank 0
+            allowed), keyed by module name; default ``[config.rank] * num_experts``.
+        expert_scales: optional per-module list of expert output scales; default
+            ``config.lora_scale`` for every expert.
+
+    Returns:
+        The same ``model`` object, now holding the adapter.
+
+    Raises:
+        ValueError: the model already holds a moelora adapter, no module matched, a matched
+            module is not a linear layer, or a ``modules_to_save`` entry matched nothing.
+    """
+    plan = build_adapter(model, config, expert_ranks=expert_ranks, expert_scales=expert_scales)
+    attach_adapter(model, plan)
+    return model
+
+
+class AdapterPlan:
+    """New modules built for a model but not yet put into it (see :func:`build_adapter`)."""
+
+    def __init__(self, state: AdapterState, modules: dict[str, nn.Module]) -> None:
+        self.state, self.modules = state, modules
+
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """Model-level state-dict keys and tensors of everything the adapter saves."""
+        return {f"{name}.{key}": t for name, module in self.modules.items()
+                for key, t in adapter_state_dict(module).items()}
+
+
+def adapter_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The saved part of one adapter module: experts and router (wrapped layer) or the trained copy."""
+    skip = ("base_layer.", "original_module.")
+    return {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
+
+
+def build_adapter(model: nn.Module, config: MoELoRAConfig, *,
+                  expert_ranks: Mapping[str, Sequence[int]] | None = None,
+                  expert_scales: Mapping[str, Sequence[float]] | None = None) -> AdapterPlan:
+    """Validate and build every adapter module for ``model`` without touching ``model``."""
+    if not isinstance(config, MoELoRAConfig):
+        raise TypeError(f"config must be a MoELoRAConfig (or a method config), got {type(config).__name__}")
+    if getattr(model, STATE_ATTR, None) is not None or wrapped_layers(model):
+        raise ValueError("this model already holds a moelora adapter; call moelora.unwrap(model) before "
+                         "injecting again.")
+    saved = _find_saved_modules(model, config.modules_to_save)
+    targets = find_targets(model, config.target_modules, config.exclude_modules, skip=set(saved))
+    state = AdapterState(config=config, wrapped=list(targets), saved_modules=list(saved))
+    dtype = getattr(torch, config.adapter_dtype)
+    modules: dict[str, nn.Module] = {}
+    for name in targets:
+        base = model.get_submodule(name)
+        d_in, d_out = linear_features(base)
+        ranks = list(expert_ranks[name]) if expert_ranks and name in expert_ranks else [config.rank] * config.num_experts
+        if len(ranks) != config.num_experts:
+            raise ValueError(f"{name}: got {len(ranks)} expert ranks for num_experts={config.num_experts}")
+        scales = (list(expert_scales[name]) if expert_scales and name in expert_scales
+                  else [config.lora_scale] * config.num_experts)
+        gen = module_generator(config.seed, name)
+        device = _module_device(base)
+        bank = ExpertBank(in_features=d_in, out_features=d_out, ranks=ranks, scales=scales,
+                          init=config.init_lora_weights, dtype=dtype, generator=gen).to(device)
+        router = config.make_router(in_features=d_in, generator=gen).to(device)
+        modules[name] = MoELoRALinear(base_layer=base, bank=bank, router=router, name=name, state=state,
+                                      dropout=config.dropout, backend=config.backend)
+    for name in saved:
+        modules[name] = SavedModule(model.get_submodule(name))
+    return AdapterPlan(state, modules)
+
+
+def attach_adapter(model: nn.Module, plan: AdapterPlan) -> None:
+    """Put a built plan into ``model``: freeze the base, swap modules in, install the mask hooks."""
+    state = plan.state
+    for pname, param in model.named_parameters():
+        state.requires_grad[pname] = param.requires_grad
+        param.requires_grad_(False)
+    for name, module in plan.modules.items():
+        parent, child = _parent(model, name)
+        setattr(parent, child, module)
+    setattr(model, STATE_ATTR, state)
+    state.handles = [
+        model.register_forward_pre_hook(_capture_mask(state), with_kwargs=True),
+        model.register_forward_hook(_clear_mask(state), always_call=True),
+    ]
+
+
+def _capture_mask(state: AdapterState):
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        state.token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    return hook
+
+
+def _clear_mask(state: AdapterState):
+    def hook(module, args, output):
+        state.token_mask = None
+    return hook
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove the adapter: put every original module back and restore ``requires_grad`` flags."""
+    state = get_state(model)
+    for name in state.wrapped:
+        parent, child = _parent(model, name)
+        setattr(parent, child, getattr(parent, child).base_layer)
+    for name in state.saved_modules:
+        parent, child = _parent(model, name)
+        setattr(parent, child, getattr(parent, child).original_module)
+    for handle in state.handles:
+        handle.remove()
+    for pname, param in model.named_parameters():
+        if pname in state.requires_grad:
+            param.requires_grad_(state.requires_grad[pname])
+    delattr(model, STATE_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside it, the model computes its base outputs only (no routing recorded)."""
+    state = get_state(model)
+    previous, state.enabled = state.enabled, False
+    try:
+        yield model
+    finally:
+        state.enabled = previous
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of every router's auxiliary loss from the last forward (coefficients applied).
+
+    Each layer's loss is handed out once (then forgotten, so the graph is not kept alive): call
+    it once per forward, after the forward. Returns a zero scalar when no router has an aux loss
+    (eval mode, or all coefficients 0).
+    """
+    get_state(model)
+    layers = wrapped_layers(model)
+    if any(layer._aux_detached for layer in layers):
+        warnings.warn("moelora aux loss was computed without autograd, so it cannot train the routers: "
+                      "this happens under reentrant activation checkpointing or torch.no_grad(). Use "
+                      "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}).",
+                      RuntimeWarning, stacklevel=2)
+    losses = [loss for layer in layers if (loss := layer.pop_aux_loss()) is not None]
+    if not losses:
+        device = layers[0].bank.A.device if layers else torch.device("cpu")
+        return torch.zeros((), device=device)
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def routing_stats(model: nn.Module, *, sync: bool = False):
+    """The model's :class:`~moelora.balance.LoadTracker` (per-layer counts, probs, drops, entropy).
+
+    Args:
+        sync: all-reduce the statistics across distributed ranks first.
+    """
+    tracker = get_state(model).tracker
+    if sync:
+        tracker.all_reduce()
+    return tracker
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (PEFT's ``print_trainable_parameters`` numbers)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

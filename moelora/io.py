@@ -1,0 +1,192 @@
+"""Save and load moelora adapters: safetensors + JSON, never pickle.
+
+A saved adapter is a directory with
+
+- ``moelora_config.json``: the method config, each wrapped module's expert ranks, the
+  ``modules_to_save`` names and the base model's identity;
+- ``moelora_model.safetensors``: trainable weights and router buffers only (never the backbone).
+
+Loading validates every key and shape against the model before touching it; on any error the
+model is unchanged. Files are written to a temporary name and renamed, so an interrupted save
+never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import config_from_dict
+from .inject import AdapterPlan, adapter_state_dict, attach_adapter, build_adapter
+from .layer import MoELoRALinear
+from .state import get_state
+
+CONFIG_NAME = "moelora_config.json"
+WEIGHTS_NAME = "moelora_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (same directory, so the rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def base_identity(model: nn.Module, module_names: list[str]) -> dict[str, Any]:
+    """What identifies the base model: its name/path, class, and a hash of the wrapped weights.
+
+    The hash covers each wrapped base layer's name, shape, dtype and (the first 64k) values.
+    """
+    digest = hashlib.sha256()
+    for name in module_names:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, MoELoRALinear) else module
+        weight = getattr(base, "weight", None)
+        digest.update(name.encode())
+        if isinstance(weight, Tensor):
+            digest.update(f"{tuple(weight.shape)}|{weight.dtype}".encode())
+            digest.update(weight.detach().reshape(-1)[:65536].float().cpu().numpy().tobytes())
+    cfg = getattr(model, "config", None)
+    return {"name_or_path": getattr(cfg, "_name_or_path", None) or None,
+            "class": type(model).__name__, "weights_sha256": digest.hexdigest()}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's adapter to directory ``path`` (created if needed); returns the path.
+
+    Only adapter tensors (experts, routers and their buffers, ``modules_to_save`` copies) are
+    written. Existing files of another adapter in ``path`` are replaced whole, never partially.
+    """
+    state = get_state(model)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name in state.wrapped + state.saved_modules:
+        for key, t in adapter_state_dict(model.get_submodule(name)).items():
+            tensors[f"{name}.{key}"] = t.detach().to("cpu").contiguous().clone()
+    meta = {
+        "format": "moelora-adapter", "format_version": FORMAT_VERSION,
+        "config": state.config.to_dict(),
+        "modules": {name: {"ranks": list(model.get_submodule(name).bank.ranks),
+                           "in_features": model.get_submodule(name).in_features,
+                           "out_features": model.get_submodule(name).out_features}
+                    for name in state.wrapped},
+        "modules_to_save": list(state.saved_modules),
+        "base_model": base_identity(model, state.wrapped),
+    }
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return out
+
+
+def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check ``moelora_config.json`` of a saved adapter directory."""
+    directory = Path(path)
+    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: a moelora adapter directory holds {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME} (written by moelora.save_adapter).")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}); the adapter directory is damaged.") from err
+    if not isinstance(meta, dict) or meta.get("format") != "moelora-adapter" or "config" not in meta:
+        raise ValueError(f"{config_file} is not a moelora adapter config (missing 'format'/'config').")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{config_file} has format_version {meta['format_version']}, newer than this "
+                         f"moelora supports ({FORMAT_VERSION}); upgrade moelora.")
+    return meta
+
+
+def _read_tensors(weights_file: Path, expected: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """Open the safetensors file, check names and shapes before reading values, then load them."""
+    try:
+        with safe_open(str(weights_file), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            missing = sorted(set(expected) - keys)
+            unexpected = sorted(keys - set(expected))
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys & set(expected)}
+            wrong = sorted(f"{k}: file {shapes[k]} vs model {tuple(expected[k])}"
+                           for k in shapes if shapes[k] != tuple(expected[k]))
+            if missing or unexpected or wrong:
+                raise ValueError(
+                    f"{weights_file} does not fit this model: missing keys {missing[:10]}"
+                    f"{' …' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
+                    f"{' …' if len(unexpected) > 10 else ''}, mis-shaped {wrong[:10]}. Was it saved from "
+                    "the same base model and moelora config?")
+            tensors = {k: f.get_tensor(k) for k in sorted(keys)}
+    except SafetensorError as err:
+        raise ValueError(f"{weights_file} is corrupt or truncated ({err}); re-save the adapter.") from err
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise ValueError(f"{weights_file} holds non-finite values (NaN/inf) in {bad[:10]}; the adapter is broken.")
+    return tensors
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True) -> nn.Module:
+    """Inject the adapter saved in ``path`` into a fresh ``model`` and load its weights, in place.
+
+    Args:
+        model: the base model the adapter was trained on (without an adapter).
+        path: a directory written by :func:`save_adapter`.
+        trainable: leave adapter weights trainable (``False`` freezes them, for inference).
+
+    Returns:
+        The same ``model``.
+
+    Raises:
+        FileNotFoundError / ValueError: missing, damaged, truncated or mismatched files, with
+            the offending keys named. The model is left unchanged.
+    """
+    directory = Path(path)
+    meta = read_adapter_meta(directory)
+    config = config_from_dict(meta["config"])
+    modules = meta.get("modules", {})
+    plan: AdapterPlan = build_adapter(model, config, expert_ranks={n: m["ranks"] for n, m in modules.items()})
+    if set(plan.state.wrapped) != set(modules):
+        only_file = sorted(set(modules) - set(plan.state.wrapped))
+        only_model = sorted(set(plan.state.wrapped) - set(modules))
+        raise ValueError(f"adapter in {directory} wraps other modules than this model offers: only in the "
+                         f"adapter {only_file[:10]}, only in the model {only_model[:10]}.")
+    current = plan.adapter_tensors()
+    tensors = _read_tensors(directory / WEIGHTS_NAME, {k: t.shape for k, t in current.items()})
+    with torch.no_grad():
+        for key, value in tensors.items():
+            current[key].copy_(value.to(current[key].dtype))
+    _warn_if_other_base(model, meta, plan.state.wrapped, directory)
+    attach_adapter(model, plan)
+    if not trainable:
+        for module in plan.modules.values():
+            for p in module.parameters():
+                p.requires_grad_(False)
+    return model
+
+
+def _warn_if_other_base(model: nn.Module, meta: dict[str, Any], wrapped: list[str], directory: Path) -> None:
+    saved = meta.get("base_model") or {}
+    now = base_identity(model, wrapped)
+    diffs = [f"{k}: adapter {saved.get(k)!r} vs model {now[k]!r}"
+             for k in ("name_or_path", "class") if saved.get(k) and now[k] and saved.get(k) != now[k]]
+    if saved.get("weights_sha256") and saved["weights_sha256"] != now["weights_sha256"]:
+        diffs.append("the wrapped base weights differ from those the adapter was saved with")
+    if diffs:
+        warnings.warn(f"adapter in {directory} was saved from another base model ({'; '.join(diffs)}); "
+                      "outputs may not match.", UserWarning, stacklevel=3)

@@ -1,0 +1,93 @@
+"""MoELoRALinear: a frozen base linear plus a routed bank of LoRA experts (design §3.4).
+
+    x ──► base_layer (frozen, black box) ───────────────────────────────┐
+    │                                                                  (+)──► y
+    ├──► router(x) ─► Routing(expert_ids, weights) ─┐                   │
+    └──► dropout ─► gated_lora(x, A, Bt, routing) ◄─┘ ──► cast to y.dtype┘
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .balance import recomputing
+from .experts import ExpertBank
+from .kernels import gated_lora
+from .state import AdapterState
+
+
+class MoELoRALinear(nn.Module):
+    """Wraps one linear (``nn.Linear`` or GPT-2's ``Conv1D``) with routed LoRA experts.
+
+    The base layer is called as a black box and never merged, so quantized or custom bases keep
+    working. Leading dims of the input are flattened to tokens and restored.
+
+    Args:
+        base_layer: the frozen module being wrapped (maps ``[..., d_in]`` to ``[..., d_out]``).
+        bank: the experts.
+        router: an ``nn.Module`` returning :class:`~moelora.routers.Routing`.
+        name: the wrapped module's path in the model (the key for statistics).
+        state: the model-wide :class:`~moelora.state.AdapterState`.
+        dropout: expert-input dropout probability.
+        backend: kernel backend for the expert math.
+    """
+
+    def __init__(self, *, base_layer: nn.Module, bank: ExpertBank, router: nn.Module, name: str,
+                 state: AdapterState, dropout: float = 0.0, backend: str = "auto") -> None:
+        super().__init__()
+        self.base_layer, self.bank, self.router = base_layer, bank, router
+        self.name, self.backend = name, backend
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        object.__setattr__(self, "_state", state)  # not a submodule: shared by every layer
+        self._aux_loss: Tensor | None = None
+        self._aux_detached = False
+        self.last_expert_ids: Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.bank.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.bank.out_features
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """``x [..., d_in]`` → ``[..., d_out]`` = base(x) + routed expert delta."""
+        out = self.base_layer(x, *args, **kwargs)
+        state = self._state
+        if not state.enabled:
+            return out
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        mask = state.mask_for(flat.shape[0])
+        routing = self.router(flat, token_mask=mask)
+        delta = gated_lora(self.dropout(flat.to(self.bank.A.dtype)), self.bank.A, self.bank.Bt,
+                           routing.expert_ids, routing.weights, self.bank.col_expert, self.bank.col_scale(),
+                           num_experts=self.bank.num_experts, backend=self.backend)
+        if not recomputing():
+            self._remember(routing, mask)
+        return out + delta.view(*lead, -1).to(out.dtype)
+
+    def _remember(self, routing, mask: Tensor | None) -> None:
+        self._state.tracker.record(self.name, self.bank.num_experts, routing.expert_ids, routing.probs,
+                                   routing.dropped, mask)
+        self._aux_loss = routing.aux_loss
+        # Reentrant checkpointing runs the first forward under no_grad: the aux loss would be a
+        # constant and balancing silently off. Remember it so aux_loss() can say so.
+        self._aux_detached = routing.aux_loss is not None and not routing.aux_loss.requires_grad \
+            and any(p.requires_grad for p in self.router.parameters())
+        self.last_expert_ids = routing.expert_ids.detach()
+
+    def pop_aux_loss(self) -> Tensor | None:
+        """The aux loss of the last forward (then forgotten, so the graph is not kept alive)."""
+        loss, self._aux_loss = self._aux_loss, None
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, backend={self.backend!r}"
+
+
+def wrapped_layers(model: nn.Module) -> list[MoELoRALinear]:
+    """Every :class:`MoELoRALinear` in ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoELoRALinear)]
+

@@ -1,0 +1,53 @@
+"""Per-model adapter state shared by every wrapped layer: config, tracker, current token mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from .balance import LoadTracker
+from .config import MoELoRAConfig
+
+STATE_ATTR = "_moelora_state"
+
+
+@dataclass
+class AdapterState:
+    """Lives on the injected model as ``model._moelora_state``.
+
+    Attributes:
+        config: the method config the model was injected with.
+        tracker: routing statistics of every wrapped layer.
+        token_mask: ``[T]`` bool real-token mask of the current forward (from ``attention_mask``),
+            or ``None``; layers use it only when its length equals their token count.
+        enabled: ``False`` inside :func:`moelora.disable_adapters` (layers return the base output).
+        wrapped: names of the wrapped linears, in injection order.
+        saved_modules: names of the ``modules_to_save`` wrappers.
+        requires_grad: each original parameter's ``requires_grad`` before injection (for unwrap).
+        handles: forward-hook handles to remove on unwrap.
+    """
+
+    config: MoELoRAConfig
+    tracker: LoadTracker = field(default_factory=LoadTracker)
+    token_mask: Tensor | None = None
+    enabled: bool = True
+    wrapped: list[str] = field(default_factory=list)
+    saved_modules: list[str] = field(default_factory=list)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)
+
+    def mask_for(self, num_tokens: int) -> Tensor | None:
+        """The current token mask if it describes ``num_tokens`` tokens, else ``None``."""
+        m = self.token_mask
+        return m if m is not None and m.numel() == num_tokens else None
+
+
+def get_state(model: nn.Module) -> AdapterState:
+    """The adapter state of an injected model; a clear error if the model was never injected."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} has no moelora adapter: call moelora.inject(model, config) "
+                         "or moelora.load_adapter(model, path) first.")
+    return state
