@@ -1,0 +1,186 @@
+"""Injection: PEFT targeting rules, freezing, unwrap, errors that leave the model unchanged,
+activation checkpointing, and the padding mask."""
+
+import copy
+
+import pytest
+import torch
+
+import moelora
+from conftest import minilm_classifier, tiny_gpt2, tiny_llama, tiny_qwen2
+from moelora.targeting import find_targets, name_matches
+
+
+def state_snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()], \
+        {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def assert_unchanged(model, snapshot):
+    sd, types, grads = snapshot
+    now = model.state_dict()
+    assert sd.keys() == now.keys() and all(torch.equal(sd[k], now[k]) for k in sd)
+    assert [type(m) for m in model.modules()] == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert not hasattr(model, "_moelora_state")
+
+
+BUILDERS = {"llama": (tiny_llama, ["q_proj", "v_proj"]), "qwen2": (tiny_qwen2, ["q_proj", "k_proj", "o_proj"]),
+            "gpt2": (tiny_gpt2, ["c_attn", "c_fc"])}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_zero_B_gives_base_outputs_and_training_changes_them(arch, token_ids):
+    build, targets = BUILDERS[arch]
+    base = build()
+    with torch.no_grad():
+        want = base(token_ids).logits
+    model = moelora.inject(copy.deepcopy(base), moelora.MoELoRAConfig(target_modules=targets, seed=0))
+    assert len(moelora.wrapped_layers(model)) == 2 * len(targets)
+    with torch.no_grad():
+        torch.testing.assert_close(model(token_ids).logits, want, atol=0, rtol=0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".bank." in n or ".router." in n for n in trainable)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    out = model(token_ids, labels=token_ids)
+    (out.loss + moelora.aux_loss(model)).backward()
+    opt.step()
+    with torch.no_grad():
+        assert (model.eval()(token_ids).logits - want).abs().max() > 1e-4
+
+
+def test_minilm_injection_and_modules_to_save(minilm_tokenizer):
+    model = minilm_classifier()
+    head_before = model.classifier.weight.clone()
+    moelora.inject(model, moelora.MoELoRAConfig(target_modules=["query", "value"], modules_to_save=["classifier"]))
+    assert len(moelora.wrapped_layers(model)) == 12
+    assert model.classifier.trained_module.weight.requires_grad
+    assert not model.classifier.original_module.weight.requires_grad
+    batch = minilm_tokenizer(["hello world", "hi"], padding=True, return_tensors="pt")
+    model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+    assert model.classifier.trained_module.weight.grad is not None
+    moelora.unwrap(model)
+    assert torch.equal(model.classifier.weight, head_before)
+
+
+def test_targeting_rules_follow_peft():
+    model = tiny_llama()
+    # list: exact name or "."-suffix; "proj" alone matches nothing because no name ends in ".proj"
+    assert name_matches("model.layers.0.self_attn.q_proj", ["q_proj"])
+    assert not name_matches("model.layers.0.self_attn.q_proj", ["proj"])
+    assert name_matches("model.layers.0.self_attn.q_proj", ["self_attn.q_proj"])
+    # string: full-match regex
+    assert find_targets(model, r".*\.1\.self_attn\.(q|v)_proj", None) == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert not name_matches("model.layers.1.self_attn.q_proj", "q_proj")  # no partial regex match
+    # all-linear: everything but the output head
+    names = find_targets(model, "all-linear", None)
+    assert "lm_head" not in names and len(names) == 2 * 7
+    # exclude wins
+    names = find_targets(model, "all-linear", ["down_proj", "model.layers.0.self_attn.q_proj"])
+    assert not any(n.endswith("down_proj") for n in names)
+    assert "model.layers.0.self_attn.q_proj" not in names and "model.layers.1.self_attn.q_proj" in names
+
+
+def test_all_linear_skips_classifier_head():
+    model = minilm_classifier()
+    names = find_targets(model, "all-linear", None)
+    assert "classifier" not in names and "bert.pooler.dense" in names
+
+
+def test_unknown_target_lists_candidates_and_leaves_model_unchanged():
+    model = tiny_llama()
+    snap = state_snapshot(model)
+    with pytest.raises(ValueError, match=r"not found in the base model.*q_proj"):
+        moelora.inject(model, moelora.MoELoRAConfig(target_modules=["query"]))
+    assert_unchanged(model, snap)
+
+
+def test_non_linear_target_is_refused_clearly():
+    model = tiny_llama()
+    snap = state_snapshot(model)
+    with pytest.raises(ValueError, match="cannot wrap.*LlamaAttention"):
+        moelora.inject(model, moelora.MoELoRAConfig(target_modules=["self_attn"]))
+    assert_unchanged(model, snap)
+
+
+def test_bad_modules_to_save_leaves_model_unchanged():
+    model = tiny_llama()
+    snap = state_snapshot(model)
+    with pytest.raises(ValueError, match="modules_to_save entries \\['nope'\\]"):
+        moelora.inject(model, moelora.MoELoRAConfig(target_modules=["q_proj"], modules_to_save=["nope"]))
+    assert_unchanged(model, snap)
+
+
+def test_inject_twice_is_an_error_and_unwrap_restores():
+    model = tiny_llama()
+    model.model.embed_tokens.weight.requires_grad_(True)
+    snap = state_snapshot(model)
+    moelora.inject(model, moelora.MoELoRAConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already holds a moelora adapter"):
+        moelora.inject(model, moelora.MoELoRAConfig(target_modules=["v_proj"]))
+    moelora.unwrap(model)
+    assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="has no moelora adapter"):
+        moelora.unwrap(model)
+
+
+def test_disable_adapters_gives_base_output(token_ids):
+    base = tiny_llama()
+    model = moelora.inject(copy.deepcopy(base), moelora.MoELoRAConfig(target_modules=["q_proj"], seed=0))
+    for layer in moelora.wrapped_layers(model):
+        torch.nn.init.normal_(layer.bank.Bt)
+    with torch.no_grad(), moelora.disable_adapters(model):
+        torch.testing.assert_close(model(token_ids).logits, base(token_ids).logits, atol=0, rtol=0)
+    with torch.no_grad():
+        assert (model(token_ids).logits - base(token_ids).logits).abs().max() > 1e-4
+
+
+def test_seed_makes_init_reproducible():
+    a = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], seed=7))
+    b = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], seed=7))
+    c = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], seed=8))
+    la, lb, lc = (moelora.wrapped_layers(m)[0] for m in (a, b, c))
+    assert torch.equal(la.bank.A, lb.bank.A) and torch.equal(la.router.weight, lb.router.weight)
+    assert not torch.equal(la.bank.A, lc.bank.A)
+
+
+def test_padding_tokens_are_not_counted(minilm_tokenizer):
+    model = minilm_classifier()
+    moelora.inject(model, moelora.MoELoRAConfig(target_modules=["query"], num_experts=4, top_k=2))
+    batch = minilm_tokenizer(["one two three four five six", "short"], padding=True, return_tensors="pt")
+    real = int(batch["attention_mask"].sum())
+    assert real < batch["attention_mask"].numel()
+    with torch.no_grad():
+        model(**batch)
+    for stats in moelora.routing_stats(model).layers.values():
+        assert stats.tokens == real and stats.counts.sum() == 2 * real
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_once_and_keeps_aux_in_graph(token_ids, reentrant):
+    model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], aux_loss_coef=1.0))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    out = model(token_ids, labels=token_ids)
+    if reentrant:
+        with pytest.warns(RuntimeWarning, match="use_reentrant"):
+            aux = moelora.aux_loss(model)
+        return
+    aux = moelora.aux_loss(model)
+    assert aux.requires_grad
+    (out.loss + aux).backward()
+    tracker = moelora.routing_stats(model)
+    for layer in moelora.wrapped_layers(model):
+        stats = tracker.layers[layer.name]
+        assert stats.forwards == 1 and stats.tokens == token_ids.numel()
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def test_aux_loss_is_handed_out_once(token_ids):
+    model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"])).train()
+    model(token_ids)
+    first = moelora.aux_loss(model)
+    assert first.item() > 0
+    assert moelora.aux_loss(model).item() == 0.0
