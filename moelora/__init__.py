@@ -16,12 +16,14 @@ from .experts import ExpertBank
 from .inject import aux_loss, disable_adapters, inject, routing_stats, trainable_parameters, unwrap
 from .io import load_adapter, save_adapter
 from .layer import MoELoRALinear, wrapped_layers
-from .routers import Routing, TopKRouter
+from .routers import Routing, SiRARouter, TopKRouter
+from .methods import SiRAConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExpertBank", "LayerStats", "LoadTracker", "MoELoRAConfig", "MoELoRALinear", "Routing", "TopKRouter",
+    "SiRAConfig", "SiRARouter",
     "aux_loss", "config_from_dict", "disable_adapters", "inject", "load_adapter", "register_config",
     "routing_stats", "save_adapter", "trainable_parameters", "unwrap", "wrapped_layers",
 ]

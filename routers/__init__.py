@@ -1,6 +1,7 @@
 """Routing policies (installed as ``moelora.routers``): each maps tokens to experts."""
 
 from .base import Router, Routing
+from .sira import SiRARouter
 from .topk import TopKRouter
 
-__all__ = ["Router", "Routing", "TopKRouter"]
+__all__ = ["Router", "Routing", "SiRARouter", "TopKRouter"]
