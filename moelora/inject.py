@@ -139,6 +139,8 @@ def build_adapter(model: nn.Module, config: MoELoRAConfig, *,
         device = _module_device(base)
         bank = ExpertBank(in_features=d_in, out_features=d_out, ranks=ranks, scales=scales,
                           init=config.init_lora_weights, dtype=dtype, generator=gen).to(device)
+        if not getattr(config, "train_loras", True):  # MeteoRA trains its gates only by default
+            bank.requires_grad_(False)
         router = config.make_router(in_features=d_in, generator=gen).to(device)
         modules[name] = MoELoRALinear(base_layer=base, bank=bank, router=router, name=name, state=state,
                                       dropout=config.dropout, backend=config.backend)

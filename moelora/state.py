@@ -27,6 +27,8 @@ class AdapterState:
         saved_modules: names of the ``modules_to_save`` wrappers.
         requires_grad: each original parameter's ``requires_grad`` before injection (for unwrap).
         handles: forward-hook handles to remove on unwrap.
+        task_ids: ``[T]`` int64 per-token task ids of the current forward (``-1`` = none), set by
+            :func:`moelora.set_task_ids`; MeteoRA gates supervise on them, statistics may group by them.
     """
 
     config: MoELoRAConfig
@@ -37,6 +39,7 @@ class AdapterState:
     saved_modules: list[str] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
+    task_ids: Tensor | None = None
 
     def mask_for(self, num_tokens: int) -> Tensor | None:
         """The current token mask if it describes ``num_tokens`` tokens, else ``None``."""
