@@ -27,3 +27,10 @@ __all__ = [
     "aux_loss", "config_from_dict", "disable_adapters", "inject", "load_adapter", "register_config",
     "routing_stats", "save_adapter", "trainable_parameters", "unwrap", "wrapped_layers",
 ]
+
+# MeteoRA: PEFT LoRA adapters fused as routed experts; export back to PEFT.
+from .lora_export import collapse_lora_adapters, export_lora_adapters
+from .methods.meteora import MeteoRAConfig, from_lora_adapters, select_experts, set_task_ids
+
+__all__ += ["MeteoRAConfig", "collapse_lora_adapters", "export_lora_adapters", "from_lora_adapters",
+            "select_experts", "set_task_ids"]

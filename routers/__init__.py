@@ -5,3 +5,7 @@ from .sira import SiRARouter
 from .topk import TopKRouter
 
 __all__ = ["Router", "Routing", "SiRARouter", "TopKRouter"]
+
+from .meteora import MeteoRARouter
+
+__all__ += ["MeteoRARouter"]
