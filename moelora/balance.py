@@ -6,6 +6,7 @@ Statistics are recorded once per real forward: a recomputation under activation 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -81,6 +82,18 @@ class LayerStats:
     @property
     def num_experts(self) -> int:
         return self.counts.numel()
+
+    def since(self, earlier: "LayerStats") -> "LayerStats":
+        """The statistics accumulated after the snapshot ``earlier`` of the same layer (a window)."""
+        return LayerStats(self.counts - earlier.counts, self.prob_sum - earlier.prob_sum,
+                          self.dropped - earlier.dropped, self.coactivation - earlier.coactivation,
+                          self.tokens - earlier.tokens, self.forwards - earlier.forwards)
+
+    def to_dict(self) -> dict:
+        """JSON-ready copy: lists of floats plus the summary scalars."""
+        return {"counts": self.counts.tolist(), "mean_probs": self.mean_probs.tolist(),
+                "dropped": self.dropped.tolist(), "coactivation": self.coactivation.tolist(),
+                "forwards": self.forwards, **self.summary()}
 
     @property
     def load(self) -> Tensor:
@@ -164,19 +177,27 @@ class LoadTracker:
     def reset(self) -> None:
         self.layers.clear()
 
-    def all_reduce(self) -> None:
-        """Sum every layer's statistics across distributed ranks (no-op when not distributed).
+    def reduced(self) -> "LoadTracker":
+        """A copy holding every layer's statistics summed across distributed ranks.
 
-        Every rank must hold the same layer names (true for the same model and data pipeline).
+        The tracker itself keeps its local counts, so reducing again later never double-counts.
+        Without an initialised process group the copy equals the local statistics. Every rank
+        must call this at the same point with the same layer names (a collective).
         """
+        out = LoadTracker()
+        out.layers = {name: dataclasses.replace(s) for name, s in self.layers.items()}
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        for name in sorted(self.layers):
-            s = self.layers[name]
+            return out
+        for name in sorted(out.layers):
+            s = out.layers[name]
             flat = torch.cat([s.counts, s.prob_sum, s.dropped, s.coactivation.flatten(),
                               torch.tensor([s.tokens, s.forwards], dtype=torch.float64)])
+            if torch.distributed.get_backend() == "nccl":
+                flat = flat.cuda()
             torch.distributed.all_reduce(flat)
+            flat = flat.cpu()
             e = s.num_experts
             s.counts, s.prob_sum, s.dropped = flat[:e], flat[e:2 * e], flat[2 * e:3 * e]
             s.coactivation = flat[3 * e:3 * e + e * e].view(e, e)
             s.tokens, s.forwards = int(flat[-2]), int(flat[-1])
+        return out

@@ -90,6 +90,9 @@ def inject(model: nn.Module, config: MoELoRAConfig, *,
         ValueError: the model already holds a moelora adapter, no module matched, a matched
             module is not a linear layer, or a ``modules_to_save`` entry matched nothing.
     """
+    custom = getattr(config, "inject_into", None)  # configs built from files (MeteoRA: PEFT LoRA dirs)
+    if callable(custom) and expert_ranks is None and expert_scales is None and custom(model) is not None:
+        return model
     plan = build_adapter(model, config, expert_ranks=expert_ranks, expert_scales=expert_scales)
     attach_adapter(model, plan)
     return model
@@ -174,7 +177,8 @@ def _capture_mask(state: AdapterState):
 
 def _clear_mask(state: AdapterState):
     def hook(module, args, output):
-        state.token_mask = None
+        # Kept for non-reentrant checkpointing: its recomputation runs after this hook, in backward.
+        state.last_token_mask, state.token_mask = state.token_mask, None
     return hook
 
 
@@ -232,12 +236,10 @@ def routing_stats(model: nn.Module, *, sync: bool = False):
     """The model's :class:`~moelora.balance.LoadTracker` (per-layer counts, probs, drops, entropy).
 
     Args:
-        sync: all-reduce the statistics across distributed ranks first.
+        sync: return a copy summed across distributed ranks (a collective: call it on every rank).
     """
     tracker = get_state(model).tracker
-    if sync:
-        tracker.all_reduce()
-    return tracker
+    return tracker.reduced() if sync else tracker
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -59,12 +59,13 @@ class MoELoRALinear(nn.Module):
             return out
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        mask = state.mask_for(flat.shape[0])
+        recompute = recomputing()
+        mask = state.mask_for(flat.shape[0], recomputing=recompute)
         routing = self.router(flat, token_mask=mask)
         delta = gated_lora(self.dropout(flat.to(self.bank.A.dtype)), self.bank.A, self.bank.Bt,
                            routing.expert_ids, routing.weights, self.bank.col_expert, self.bank.col_scale(),
                            num_experts=self.bank.num_experts, backend=self.backend)
-        if not recomputing():
+        if not recompute:
             self._remember(routing, mask)
         return out + delta.view(*lead, -1).to(out.dtype)
 

@@ -22,6 +22,8 @@ class AdapterState:
         tracker: routing statistics of every wrapped layer.
         token_mask: ``[T]`` bool real-token mask of the current forward (from ``attention_mask``),
             or ``None``; layers use it only when its length equals their token count.
+        last_token_mask: the mask of the forward that just finished, for activation-checkpoint
+            recomputation (which runs in backward, after that forward returned).
         enabled: ``False`` inside :func:`moelora.disable_adapters` (layers return the base output).
         wrapped: names of the wrapped linears, in injection order.
         saved_modules: names of the ``modules_to_save`` wrappers.
@@ -34,6 +36,7 @@ class AdapterState:
     config: MoELoRAConfig
     tracker: LoadTracker = field(default_factory=LoadTracker)
     token_mask: Tensor | None = None
+    last_token_mask: Tensor | None = None
     enabled: bool = True
     wrapped: list[str] = field(default_factory=list)
     saved_modules: list[str] = field(default_factory=list)
@@ -41,9 +44,10 @@ class AdapterState:
     handles: list[Any] = field(default_factory=list)
     task_ids: Tensor | None = None
 
-    def mask_for(self, num_tokens: int) -> Tensor | None:
-        """The current token mask if it describes ``num_tokens`` tokens, else ``None``."""
-        m = self.token_mask
+    def mask_for(self, num_tokens: int, *, recomputing: bool = False) -> Tensor | None:
+        """The token mask of this forward (or, when ``recomputing``, of the forward being
+        recomputed) if it describes ``num_tokens`` tokens, else ``None``."""
+        m = self.last_token_mask if recomputing and self.token_mask is None else self.token_mask
         return m if m is not None and m.numel() == num_tokens else None
 
 

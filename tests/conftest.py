@@ -1,7 +1,10 @@
 """Shared fixtures: tiny random decoders built from config, the real MiniLM backbone, offline.
 
 Triton kernels run under the interpreter on CPU-only machines: TRITON_INTERPRET must be set
-before anything imports triton, so it is set here, first.
+before anything imports triton, so it is set here, first. But ``backend="auto"`` also reads it,
+and would then push every CPU layer of every test through the (very slow) interpreter, so the
+``interpreter_scope`` fixture turns it off for all tests except the kernel tests
+(``tests/test_kernels*.py``) and tests marked ``@pytest.mark.triton``.
 """
 
 import os
@@ -16,6 +19,15 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.e
 
 import pytest
 import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(autouse=True)
+def interpreter_scope(request, monkeypatch):
+    wants_triton = request.node.get_closest_marker("triton") is not None or \
+        request.node.module.__name__.startswith("test_kernels")
+    monkeypatch.setenv("TRITON_INTERPRET", _INTERPRET if wants_triton else "0")
 
 
 def tiny_llama(seed: int = 0, *, vocab: int = 97, hidden: int = 32, layers: int = 2):

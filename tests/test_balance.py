@@ -49,8 +49,11 @@ def _worker(rank, port, shards, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     tracker = LoadTracker()
     tracker.record("l", 3, shards[rank], None, None, None)
-    tracker.all_reduce()
-    out[rank] = tracker.layers["l"].counts.tolist(), tracker.layers["l"].tokens
+    reduced = tracker.reduced()
+    again = tracker.reduced()  # reducing twice must not double-count
+    assert tracker.layers["l"].tokens == len(shards[rank]), "the local tracker must keep its own counts"
+    assert again.layers["l"].counts.tolist() == reduced.layers["l"].counts.tolist()
+    out[rank] = reduced.layers["l"].counts.tolist(), reduced.layers["l"].tokens
     dist.destroy_process_group()
 
 

@@ -184,3 +184,23 @@ def test_aux_loss_is_handed_out_once(token_ids):
     first = moelora.aux_loss(model)
     assert first.item() > 0
     assert moelora.aux_loss(model).item() == 0.0
+
+
+def test_checkpointed_gradients_equal_plain_ones_with_padding(token_ids):
+    # The recomputation runs after the forward returned; it must see the same padding mask.
+    mask = torch.ones_like(token_ids)
+    mask[1, 4:] = 0
+    grads = []
+    for checkpointing in (False, True):
+        model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], aux_loss_coef=1.0, seed=0))
+        for layer in moelora.wrapped_layers(model):
+            torch.nn.init.normal_(layer.bank.Bt, std=0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        out = model(input_ids=token_ids, attention_mask=mask, labels=token_ids)
+        (out.loss + moelora.aux_loss(model)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

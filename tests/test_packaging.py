@@ -25,6 +25,19 @@ def test_kernels_and_routers_live_under_moelora():
     assert Path(moelora.routers.__file__).parent == ROOT / "routers"
 
 
+def test_every_package_directory_is_installed():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    roots = {"moelora": ROOT / "moelora", "moelora.kernels": ROOT / "kernels", "moelora.routers": ROOT / "routers"}
+    found = set()
+    for prefix, root in roots.items():
+        for init in root.rglob("__init__.py"):
+            rel = init.parent.relative_to(root).parts
+            found.add(".".join((prefix, *rel)))
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+
+
 def readme_commands():
     text = (ROOT / "README.md").read_text()
     block = re.search(r"## Set-up\n.*?```bash\n(.*?)```", text, re.S).group(1)

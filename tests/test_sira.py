@@ -392,8 +392,8 @@ def test_config_json_and_yaml_round_trip():
                              drop_policy="probability", expert_dropout_placement="logits")
     assert moelora.config_from_dict(cfg.to_dict()) == cfg
     data = yaml.safe_load((Path(__file__).parent.parent / "configs" / "sira.yaml").read_text())
-    assert data["method_config"]["class_path"] == "moelora.SiRAConfig"
-    assert isinstance(moelora.SiRAConfig(**data["method_config"]["init_args"]), moelora.SiRAConfig)
+    assert data["model"]["method"]["class_path"] == "moelora.SiRAConfig"
+    assert isinstance(moelora.SiRAConfig(**data["model"]["method"]["init_args"]), moelora.SiRAConfig)
 
 
 def test_save_load_round_trip_reproduces_outputs(tmp_path, token_ids):

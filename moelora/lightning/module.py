@@ -1,0 +1,180 @@
+"""MoELoRAModule: a frozen Hugging Face backbone with a moelora adapter, trained by Lightning.
+
+Checkpoints hold the adapter (experts, routers, their buffers, ``modules_to_save`` copies),
+optimizer and loop state, and the RNG state, never the frozen backbone; loading validates the
+adapter keys itself because Lightning's strict loading is off. ``hparams`` hold only primitives
+(the method config as a dict), so ``torch.load(weights_only=True)`` reads every checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+import moelora
+from moelora.config import MoELoRAConfig, config_from_dict
+from moelora.inject import adapter_state_dict
+from moelora.state import get_state
+
+from .data import TASK_KINDS, resolve_path
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+
+
+class MoELoRAModule(L.LightningModule):
+    """Train a moelora adapter on a frozen backbone.
+
+    Args:
+        method: the method config (any registered config; in YAML chosen by ``class_path``).
+        backbone: HF model name or local path; ``"minilm"`` = the bundled all-MiniLM-L6-v2.
+        task: ``"sequence-classification"`` or ``"causal-lm"``.
+        num_labels: classes for sequence classification.
+        optimizer: builds the optimizer from parameter groups (routers, experts).
+        scheduler: optional LR scheduler, stepped every optimizer step.
+        router_lr: learning rate of the router group (default: the optimizer's).
+        gradient_checkpointing: non-reentrant activation checkpointing of the backbone.
+        backbone_dropout: keep the backbone's own dropout layers active in training (as PEFT
+            does); ``False`` zeroes them, making training deterministic given the data order.
+        adapter_dir: where ``on_train_end`` writes ``save_adapter`` (default: ``<log_dir>/adapter``).
+    """
+
+    def __init__(self, method: MoELoRAConfig | dict, *, backbone: str = "minilm",
+                 task: str = "sequence-classification", num_labels: int = 2,
+                 optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
+                 router_lr: float | None = None, gradient_checkpointing: bool = False,
+                 backbone_dropout: bool = True, adapter_dir: str | None = None) -> None:
+        super().__init__()
+        if task not in TASK_KINDS:
+            raise ValueError(f"model.task={task!r} is invalid: expected one of {TASK_KINDS}")
+        self.method = config_from_dict(method) if isinstance(method, dict) else method
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.save_hyperparameters(ignore=["method", "optimizer", "scheduler"])
+        self.hparams["method"] = self.method.to_dict()  # primitives only: weights_only loading works
+        self.model = self._build_backbone()
+        if not backbone_dropout:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        moelora.inject(self.model, self.method)
+        self.model.train()  # from_pretrained returns eval mode; train as PEFT does (backbone dropout on)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.strict_loading = False
+        self.adapter_path: Path | None = None
+
+    def _build_backbone(self):
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        path = resolve_path(self.hparams.backbone)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a fresh classification head's notice is expected
+        try:
+            if self.hparams.task == "causal-lm":
+                return AutoModelForCausalLM.from_pretrained(path)
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=self.hparams.num_labels)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: dict[str, Tensor]):
+        batch = dict(batch)
+        task_ids = batch.pop("task_ids", None)
+        if task_ids is not None:
+            moelora.set_task_ids(self.model, task_ids[:, None].expand_as(batch["input_ids"]))
+        return self.model(**batch)
+
+    def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        out = self(batch)
+        aux = moelora.aux_loss(self.model)
+        loss = out.loss + aux
+        bs = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=stage != "train")
+        self.log(f"{stage}/aux_loss", aux, batch_size=bs, sync_dist=stage != "train")
+        if self.hparams.task == "sequence-classification":
+            correct = (out.logits.argmax(-1) == batch["labels"]).float()
+            self.log(f"{stage}/acc", correct.mean(), prog_bar=stage != "train", batch_size=bs,
+                     sync_dist=stage != "train")
+            if stage != "train" and "task_ids" in batch:
+                for t in batch["task_ids"].unique().tolist():
+                    m = batch["task_ids"] == t
+                    self.log(f"{stage}/acc_task{t}", correct[m].mean(), batch_size=int(m.sum()), sync_dist=True)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        """Predictions plus each wrapped layer's per-token expert choice ``[B, S, k]``."""
+        out = self(batch)
+        shape = batch["input_ids"].shape
+        routing = {layer.name: layer.last_expert_ids.view(*shape, -1).cpu()
+                   for layer in moelora.wrapped_layers(self.model) if layer.last_expert_ids is not None}
+        preds = out.logits.argmax(-1).cpu()
+        return {"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
+                "predictions": preds, "routing": routing}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        routers, experts = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (routers if ".router." in name else experts).append(p)
+        groups = [{"params": experts, "name": "experts"}]
+        if routers:
+            groups.append({"params": routers, "name": "routers", "weight_decay": 0.0,
+                           **({"lr": self.hparams.router_lr} if self.hparams.router_lr else {})})
+        groups = [g for g in groups if g["params"]]
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def adapter_keys(self) -> dict[str, torch.Size]:
+        """Checkpoint keys of the adapter and their shapes (``model.<module>.<tensor>``)."""
+        state = get_state(self.model)
+        return {f"model.{name}.{key}": t.shape for name in state.wrapped + state.saved_modules
+                for key, t in adapter_state_dict(self.model.get_submodule(name)).items()}
+
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        keys = self.adapter_keys()
+        return type(full)((k, v) for k, v in full.items() if k in keys)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["moelora"] = {"rng": torch.get_rng_state(), "method": self.method.to_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        want = self.adapter_keys()
+        got = checkpoint.get("state_dict", {})
+        missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        wrong = sorted(k for k in set(want) & set(got) if tuple(got[k].shape) != tuple(want[k]))
+        if missing or unexpected or wrong:
+            raise ValueError(f"checkpoint does not fit this model's adapter: missing {missing[:10]}, "
+                             f"unexpected {unexpected[:10]}, mis-shaped {wrong[:10]}. Was it written with "
+                             "the same backbone and method config?")
+        extra = checkpoint.get("moelora", {})
+        if "rng" in extra:
+            torch.set_rng_state(extra["rng"])
+
+    def on_train_end(self) -> None:
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        log_dir = self.trainer.log_dir if self.trainer is not None and self.trainer.log_dir else "."
+        target = Path(self.hparams.adapter_dir) if self.hparams.adapter_dir else Path(log_dir) / "adapter"
+        self.adapter_path = moelora.save_adapter(self.model, target)

@@ -1,0 +1,184 @@
+"""MoELoRAModule with Lightning: adapter-only checkpoints, exact resume, causal LM, DDP."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import moelora
+from conftest import minilm_path, tiny_llama
+from moelora.lightning import MoELoRAModule, RoutingLogger, TextDataModule
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def make(tmp_path, *, method=None, **module_kwargs):
+    method = method or moelora.MoELoRAConfig(target_modules=["query", "value"], modules_to_save=["classifier"],
+                                             num_experts=3, top_k=2, rank=2, seed=0)
+    module = MoELoRAModule(method, **module_kwargs)
+    data = TextDataModule(suite_train_per_task=3, suite_val_per_task=1, batch_size=4, seed=0)
+    return module, data
+
+
+def trainer(tmp_path, max_steps, callbacks=(), **kwargs):
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                     limit_val_batches=0, callbacks=list(callbacks), **kwargs)
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
+    # 18 examples / batch 4 -> 5 batches per epoch; stop at step 3 (mid-epoch), run to step 8
+    # (across an epoch boundary). The backbone's dropout stays on: the RNG state is restored too.
+    L.seed_everything(0)
+    module, data = make(tmp_path)
+    straight = LossRecorder()
+    trainer(tmp_path / "a", 8, [straight]).fit(module, data)
+    want = {k: v.clone() for k, v in module.state_dict().items()}
+
+    L.seed_everything(0)
+    module, data = make(tmp_path)
+    first = LossRecorder()
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1)
+    trainer(tmp_path / "b", 3, [first, ckpt_cb]).fit(module, data)
+    ckpt = tmp_path / "ck" / "epoch=0-step=3.ckpt"
+    assert ckpt.is_file()
+
+    L.seed_everything(123)  # a different seed: everything must come from the checkpoint
+    module, data = make(tmp_path)
+    second = LossRecorder()
+    trainer(tmp_path / "c", 8, [second]).fit(module, data, ckpt_path=ckpt)
+    assert first.losses + second.losses == straight.losses
+    got = module.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_checkpoint_holds_adapter_only_and_loads_weights_only(tmp_path):
+    module, data = make(tmp_path)
+    cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck")
+    trainer(tmp_path, 2, [cb]).fit(module, data)
+    ckpt = torch.load(cb.best_model_path, weights_only=True)  # primitives only in hparams
+    keys = set(ckpt["state_dict"])
+    assert keys == set(module.adapter_keys())
+    assert not any("base_layer" in k or "original_module" in k or "embeddings" in k for k in keys)
+    n_saved = sum(t.numel() for t in ckpt["state_dict"].values())
+    assert n_saved < 0.05 * sum(p.numel() for p in module.parameters())
+    assert ckpt["optimizer_states"] and ckpt["hyper_parameters"]["method"]["method"] == "moelora"
+    # on_train_end wrote a save_adapter directory that loads into a fresh backbone
+    assert (Path(module.adapter_path) / "moelora_config.json").is_file()
+
+
+def test_bad_checkpoint_keys_are_named(tmp_path):
+    module, data = make(tmp_path)
+    cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck")
+    trainer(tmp_path, 1, [cb]).fit(module, data)
+    other, _ = make(tmp_path, method=moelora.MoELoRAConfig(target_modules=["query"], modules_to_save=["classifier"],
+                                                           num_experts=3, top_k=2, rank=2))
+    with pytest.raises(ValueError, match="checkpoint does not fit.*unexpected.*value"):
+        trainer(tmp_path / "x", 2).fit(other, TextDataModule(suite_train_per_task=3, batch_size=4),
+                                      ckpt_path=cb.best_model_path)
+
+
+def test_gradient_checkpointing_keeps_aux_loss_in_graph(tmp_path):
+    module, data = make(tmp_path, gradient_checkpointing=True)
+    data.setup()
+    batch = data.collate([data.train_set[i] for i in range(4)])
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    routers = [layer.router.weight.grad for layer in moelora.wrapped_layers(module.model)]
+    assert all(g is not None and g.abs().sum() > 0 for g in routers)
+    assert all(s.forwards == 1 for s in moelora.routing_stats(module.model).layers.values())
+
+
+def test_param_groups_and_router_lr(tmp_path):
+    module, _ = make(tmp_path, router_lr=0.1)
+    opt = module.configure_optimizers()
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["routers"]["lr"] == 0.1 and groups["routers"]["weight_decay"] == 0.0
+    n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_trainable
+
+
+def test_causal_lm_on_tiny_llama(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tiny_llama(vocab=tokenizer.vocab_size).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    module = MoELoRAModule(moelora.MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, top_k=1),
+                           backbone=str(tmp_path / "llama"), task="causal-lm")
+    data = TextDataModule(tokenizer=str(tmp_path / "llama"), task="causal-lm", suite_train_per_task=2, batch_size=4)
+    rec = LossRecorder()
+    trainer(tmp_path, 3, [rec]).fit(module, data)
+    assert len(rec.losses) == 3 and all(l == l for l in rec.losses)  # finite (NaN != NaN)
+
+
+def test_local_files_with_custom_columns(tmp_path):
+    rows = [{"sentence": f"example {i}", "y": i % 2} for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.csv", "d.parquet"):
+        data = TextDataModule(dataset=str(tmp_path / name), text_column="sentence", label_column="y",
+                              task_column=None, batch_size=5)
+        data.setup()
+        batch = next(iter(data.train_dataloader()))
+        assert batch["labels"].shape == (5,) and "task_ids" not in batch
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['text'\]"):
+        TextDataModule(dataset=str(tmp_path / "d.csv")).setup()
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        TextDataModule(dataset=str(tmp_path / "nope.json")).setup()
+
+
+DDP_SCRIPT = textwrap.dedent('''
+    import json, sys, lightning as L, torch, moelora
+    from torch.utils.data import DataLoader
+    from moelora.lightning import MoELoRAModule, RoutingLogger, TextDataModule
+
+    world, out = int(sys.argv[1]), sys.argv[2]
+
+    class Data(TextDataModule):
+        # Global batch g holds examples 4g..4g+3; with 2 ranks each takes its contiguous half.
+        def train_dataloader(self):
+            rank = self.trainer.global_rank
+            per = 4 // world
+            order = [4 * g + rank * per + i for g in range(3) for i in range(per)]
+            return DataLoader(self.train_set.select(order), batch_size=per, collate_fn=self.collate)
+
+    L.seed_everything(0)
+    method = moelora.MoELoRAConfig(target_modules=["query", "value"], num_experts=4, top_k=2, rank=2, seed=0)
+    module = MoELoRAModule(method, backbone_dropout=False)
+    cb = RoutingLogger(every_n_steps=1)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=world, strategy="ddp_spawn" if world > 1 else "auto",
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        default_root_dir=out, callbacks=[cb])
+    trainer.fit(module, Data(suite_train_per_task=2, batch_size=4))
+''')
+
+
+def test_ddp_two_processes_match_single_process_counts(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    stats = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        subprocess.run([sys.executable, str(script), str(world), str(out)], check=True, capture_output=True,
+                       text=True, timeout=280)
+        stats[world] = json.loads(next(out.rglob("routing_stats.json")).read_text())
+    assert stats[1].keys() == stats[2].keys()
+    for name in stats[1]:
+        assert stats[2][name]["tokens"] == stats[1][name]["tokens"] > 0
+        assert stats[2][name]["counts"] == stats[1][name]["counts"], name
