@@ -1,11 +1,24 @@
 """Public expert ops: one ``autograd.Function`` each, with backend dispatch.
 
-``backend="auto"`` uses the torch twin (:mod:`moelora.kernels.reference`) today; the Triton
-kernels plug in behind the same signature. Only ``h = x Aᵀ`` (``[T, R]``) is saved for
-backward, never a ``[T·k, d_out]`` tensor.
+``backend``:
+    ``"torch"``   the torch twins of :mod:`moelora.kernels.reference` (any device).
+    ``"triton"``  the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+    ``"auto"``    Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` asks for
+                  it; the torch twin otherwise (and always where triton is not installed).
+
+Only ``h = x Aᵀ`` (``[T, R]``) is saved for backward, never a ``[T·k, d_out]`` tensor.
+
+Dense-gated vs sorted grouped: the dense formulation does ``R/k·r̄`` times the FLOPs of the
+sparse one but reads ``x`` and writes ``y`` exactly once, so it wins while the layer stays
+memory-bound. ``gated_lora`` switches to :func:`~moelora.kernels.grouped.grouped_lora` when the
+rank exceeds :data:`DENSE_MAX_RANK` for the implementation it runs (see that constant).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -14,69 +27,170 @@ from . import reference
 
 BACKENDS = ("auto", "torch", "triton")
 
+#: Largest bank rank the dense-gated path handles; above it ``gated_lora`` takes the grouped path.
+#: Tunable: edit the dict (keys are the implementation, ``"triton"`` or ``"torch"``).
+#:
+#: * ``"triton"`` = 256, compared with ``R_pad = next_pow2(max(16, R))``: **analysis, not
+#:   measurement** (no GPU was available). research/kernels.md §4: on an H100 in bf16 the ridge
+#:   is ≈265 FLOP/B and the dense-gated forward has intensity ≈0.67·R, so it stays bandwidth-bound
+#:   (same time as the sparse path) up to R ≈ 256–384; the 64×R_pad fp32 accumulator also fits in
+#:   registers only up to R_pad = 256. Re-tune on the device with ``benchmarks/kernels.py``.
+#: * ``"torch"`` = 96, compared with ``R``: measured on this project's CPU machine (fp32, 1 thread,
+#:   T ∈ {256, 2048}, d = 1024, k = 2, r = 16; benchmarks/results/kernels_cpu_sweep.md). The dense
+#:   twin won forward+backward at R ≤ 64 (1.3–2.5×) and the sorted-segment twin won from R = 128
+#:   on (1.06–1.3× at 128, 3–18× at 512–4096); 96 sits between the two measured points. A CPU is
+#:   compute-bound at these ranks, so the dense formulation's R/(k·r) extra FLOPs cost time there.
+DENSE_MAX_RANK = {"triton": 256, "torch": 96}
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Pick the implementation for ``backend`` on ``device``: ``"torch"`` or ``"triton"``."""
+_TRITON_FOUND: bool | None = None
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package is installed (checked once, without importing it)."""
+    global _TRITON_FOUND
+    if _TRITON_FOUND is None:
+        _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: Input dtypes the Triton kernels take (fp32 accumulation); float64 always runs the torch twin.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Pick the implementation for ``backend`` on ``device``: ``"torch"`` or ``"triton"``.
+
+    ``"auto"`` takes Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``,
+    if triton is installed and ``dtype`` (when given) is one the kernels take
+    (:data:`TRITON_DTYPES`); otherwise the torch twin. ``"triton"`` raises instead of falling back.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: expected one of {BACKENDS}.")
+    if backend == "torch":
+        return "torch"
+    usable = device.type == "cuda" or (device.type == "cpu" and _interpret_requested())
+    dtype_ok = dtype is None or dtype in TRITON_DTYPES
     if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available in this build: the Triton kernels are not shipped yet. "
-            "Use backend='auto' or 'torch'.")
-    return "torch"
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed. "
+                               "Install triton (Linux) or use backend='auto' or 'torch'.")
+        if not usable:
+            raise ValueError(f"backend='triton' runs on CUDA tensors, or on CPU tensors only when "
+                             f"TRITON_INTERPRET=1 is set before triton is imported; got a {device.type} "
+                             f"tensor. Move the inputs to a GPU, set TRITON_INTERPRET=1, or use backend='torch'.")
+        if not dtype_ok:
+            raise ValueError(f"backend='triton' takes {[str(d) for d in TRITON_DTYPES]} inputs, got {dtype}; "
+                             f"use backend='torch' (or 'auto') for float64.")
+        return "triton"
+    return "triton" if usable and dtype_ok and triton_available() else "torch"
+
+
+def triton_ops():
+    """``torch.ops.moelora`` with the Triton custom ops registered (imports triton on first call)."""
+    from .triton import library  # noqa: F401  (registers the ops)
+
+    return torch.ops.moelora
+
+
+def dense_max_rank(impl: str, total_rank: int) -> bool:
+    """True when ``total_rank`` is small enough for the dense-gated path of ``impl``."""
+    if impl == "triton":
+        return 1 << (max(total_rank, 16) - 1).bit_length() <= DENSE_MAX_RANK["triton"]
+    return total_rank <= DENSE_MAX_RANK["torch"]
 
 
 class _GatedLoRAFn(torch.autograd.Function):
     """Dense-gated MoE-LoRA; gradients for x, A, Bt and the gate weights."""
 
     @staticmethod
-    def forward(ctx, x, A, Bt, weights, expert_ids, col_expert, col_scale, num_experts):
-        gate = reference.column_gate(expert_ids, weights, col_expert, col_scale, num_experts)
-        y, h = reference.gated_lora_forward(x, A, Bt, gate)
+    def forward(ctx, x, A, Bt, weights, expert_ids, col_expert, col_scale, num_experts, impl):
+        if impl == "triton":
+            ops = triton_ops()
+            h = ops.shrink(x, A)                       # [T, R] fp32
+            y = ops.gate_expand(h, Bt, expert_ids, weights, col_expert, col_scale, x.dtype)
+        else:
+            gate = reference.column_gate(expert_ids, weights, col_expert, col_scale, num_experts)
+            y, h = reference.gated_lora_forward(x, A, Bt, gate)
         ctx.save_for_backward(x, A, Bt, h, weights, expert_ids, col_expert, col_scale)
-        ctx.num_experts = num_experts
+        ctx.num_experts, ctx.impl = num_experts, impl
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, A, Bt, h, weights, expert_ids, col_expert, col_scale = ctx.saved_tensors
-        # The gate is rebuilt (T·k scatter) instead of saved: it is as large as h.
-        gate = reference.column_gate(expert_ids, weights, col_expert, col_scale, ctx.num_experts)
         need_x, need_A, need_Bt, need_w = ctx.needs_input_grad[:4]
-        grad_x, grad_A, grad_Bt, grad_w = reference.gated_lora_backward(
-            grad_y.to(h.dtype), x, A, Bt, h, gate, expert_ids, col_expert, col_scale, ctx.num_experts,
-            need_x=need_x, need_A=need_A, need_Bt=need_Bt, need_w=need_w)
-        if grad_w is not None:
-            grad_w = grad_w.to(weights.dtype)
-        return grad_x, grad_A, grad_Bt, grad_w, None, None, None, None
+        grad_y = grad_y.to(A.dtype)
+        if ctx.impl == "triton":
+            ops = triton_ops()
+            gx = gA = gB = gw = None
+            if need_x or need_A or need_w:
+                du = ops.shrink(grad_y, Bt)            # [T, R] fp32, ungated
+                if need_w:
+                    gw = ops.gate_grad(du, h, expert_ids, col_expert, col_scale)
+                if need_x:
+                    gx = ops.gate_expand(du, A, expert_ids, weights, col_expert, col_scale, x.dtype)
+                if need_A:
+                    gA = ops.xty(du, x, expert_ids, weights, col_expert, col_scale, A.dtype)
+            if need_Bt:
+                gB = ops.xty(h, grad_y, expert_ids, weights, col_expert, col_scale, Bt.dtype)
+        else:
+            # The gate is rebuilt (T·k scatter) instead of saved: it is as large as h.
+            gate = reference.column_gate(expert_ids, weights, col_expert, col_scale, ctx.num_experts)
+            gx, gA, gB, gw = reference.gated_lora_backward(
+                grad_y, x, A, Bt, h, gate, expert_ids, col_expert, col_scale, ctx.num_experts,
+                need_x=need_x, need_A=need_A, need_Bt=need_Bt, need_w=need_w)
+        if gw is not None:
+            gw = gw.to(weights.dtype)
+        return gx, gA, gB, gw, None, None, None, None, None
 
 
 def gated_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Tensor,
                col_expert: Tensor, col_scale: Tensor, *, num_experts: int,
-               backend: str = "auto") -> Tensor:
+               backend: str = "auto", ranks: Sequence[int] | None = None) -> Tensor:
     """Mixture of LoRA experts with explicit token routing (dense-gated formulation).
 
     Args:
-        x: ``[T, d_in]`` expert input, in the adapter dtype.
+        x: ``[T, d_in]`` expert input, in the adapter dtype (fp32, bf16 or fp16).
         A: ``[R, d_in]`` stacked down projections, ``R = Σ_e r_e`` (rank 0 experts own no rows).
         Bt: ``[R, d_out]`` stacked up projections (``lora_B`` transposed).
         expert_ids: ``[T, k]`` int64, chosen expert per slot, ``-1`` = empty slot.
         weights: ``[T, k]`` float gate weights (any float dtype; cast to the adapter dtype).
-        col_expert: ``[R]`` int64 owning expert of each rank row.
+        col_expert: ``[R]`` int64 owning expert of each rank row (sorted: the bank is rank-major).
         col_scale: ``[R]`` float output scale of each rank row's expert (alpha / r).
         num_experts: E.
         backend: ``"auto" | "torch" | "triton"``.
+        ranks: optional host copy of ``r_e`` per expert. Only read when ``R`` exceeds
+            :data:`DENSE_MAX_RANK` and the grouped path takes over; without it the ranks are
+            read back from ``col_expert`` (one device sync).
 
     Returns:
         ``[T, d_out]`` in the adapter dtype: ``Σ_j w[t,j] · scale_e · B_e A_e x_t``.
+        Gradients flow to x, A, Bt and weights (not to the scales). Deterministic.
     """
     if x.dim() != 2 or A.dim() != 2 or Bt.dim() != 2:
         raise ValueError(f"gated_lora expects 2-D x, A, Bt; got {tuple(x.shape)}, {tuple(A.shape)}, {tuple(Bt.shape)}")
     if A.shape[0] != Bt.shape[0] or A.shape[1] != x.shape[1]:
         raise ValueError(f"gated_lora shape mismatch: x {tuple(x.shape)}, A {tuple(A.shape)}, Bt {tuple(Bt.shape)}")
-    if expert_ids.shape != weights.shape or expert_ids.shape[0] != x.shape[0]:
+    if expert_ids.dim() != 2 or expert_ids.shape != weights.shape or expert_ids.shape[0] != x.shape[0]:
         raise ValueError(f"gated_lora routing shape mismatch: x {tuple(x.shape)}, expert_ids "
                          f"{tuple(expert_ids.shape)}, weights {tuple(weights.shape)}")
-    resolve_backend(backend, x.device)
+    if col_expert.shape != (A.shape[0],) or col_scale.shape != (A.shape[0],):
+        raise ValueError(f"gated_lora: col_expert {tuple(col_expert.shape)} and col_scale "
+                         f"{tuple(col_scale.shape)} must both be [R] with R = {A.shape[0]}")
+    impl = resolve_backend(backend, x.device, x.dtype)
+    if not dense_max_rank(impl, A.shape[0]):
+        from .grouped import grouped_lora
+
+        if ranks is None:
+            ranks = torch.bincount(col_expert, minlength=num_experts).tolist()
+        offsets = [0]
+        for r in ranks:
+            offsets.append(offsets[-1] + int(r))
+        first = torch.tensor([min(o, A.shape[0] - 1) for o in offsets[:-1]], device=col_scale.device)
+        return grouped_lora(x, A, Bt, expert_ids, weights, ranks, col_scale[first], backend=impl)
     return _GatedLoRAFn.apply(x, A, Bt, weights.to(A.dtype), expert_ids, col_expert,
-                              col_scale.to(A.dtype), num_experts)
+                              col_scale.to(A.dtype), num_experts, impl)

@@ -114,3 +114,153 @@ def naive_moe_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights
             a, b = A[offsets[e]:offsets[e + 1]], Bt[offsets[e]:offsets[e + 1]]
             out[t] += weights[t, j] * float(scales[e]) * ((x[t] @ a.t()) @ b)
     return out
+
+
+# ----------------------------------------------------------------------------- rank-wise (FlyLoRA)
+
+SCORES = ("abs", "signed")
+
+
+def topk_lowest_index(score: Tensor, k: int) -> Tensor:
+    """Top-k column indices per row, ties broken to the **lowest** index (``torch.topk``'s tie
+    order is unspecified; the Triton kernel uses k rounds of max + smallest arg-max).
+
+    Args:
+        score: ``[T, R]`` float.
+        k: ``0 <= k <= R``.
+
+    Returns:
+        ``[T, k]`` int64, in descending score order.
+    """
+    # A stable descending sort keeps equal scores in index order, so the first k are the rule.
+    return torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def rankwise_score(h: Tensor, bias: Tensor | None, score: str) -> Tensor:
+    """FlyLoRA routing score of every rank: ``|h + bias|`` (``"abs"``, the paper's ``flylora.py``)
+    or ``h + bias`` (``"signed"``, the official PEFT layer). ``h [T, r]``, ``bias [r]`` or None."""
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is invalid: expected one of {SCORES}")
+    s = h.float() if bias is None else h.float() + bias.float()
+    return s.abs() if score == "abs" else s
+
+
+def rankwise_gate(topk_idx: Tensor, num_ranks: int, scale: float, dtype: torch.dtype) -> Tensor:
+    """``[T, R]`` gate: ``scale`` on the chosen ranks of each token, 0 elsewhere."""
+    gate = torch.zeros(topk_idx.shape[0], num_ranks, dtype=dtype, device=topk_idx.device)
+    return gate.scatter(1, topk_idx, float(scale))
+
+
+def rankwise_lora_forward(x: Tensor, A: Tensor, Bt: Tensor, k: int, *, bias: Tensor | None = None,
+                          score: str = "abs", scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-wise implicit MoE (FlyLoRA): ``r`` rank-1 experts, top-k chosen from ``h`` itself.
+
+    Args:
+        x: ``[T, d_in]``; A: ``[r, d_in]`` (frozen, sparse random in FlyLoRA); Bt: ``[r, d_out]``.
+        k: ranks kept per token; bias: ``[r]`` load-balancing bias added to the score, or None.
+
+    Returns:
+        ``(y [T, d_out], h [T, r], topk_idx [T, k] int64)`` with
+        ``y = scale · (mask(topk_idx) ⊙ h) Bt``.
+    """
+    h = x @ A.t()
+    idx = topk_lowest_index(rankwise_score(h, bias, score), k)
+    return (rankwise_gate(idx, h.shape[1], scale, h.dtype) * h) @ Bt, h, idx
+
+
+def naive_rankwise_lora(x: Tensor, A: Tensor, Bt: Tensor, k: int, *, bias: Tensor | None = None,
+                        score: str = "abs", scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-token loop oracle of :func:`rankwise_lora_forward` (tests only): Python sorts each
+    token's ranks by ``(-score, index)``. Returns ``(y [T, d_out], topk_idx [T, k])``."""
+    out = x.new_zeros(x.shape[0], Bt.shape[1])
+    chosen = []
+    for t in range(x.shape[0]):
+        h = A @ x[t]
+        s = [float(v) + (float(bias[c]) if bias is not None else 0.0) for c, v in enumerate(h.detach())]
+        s = [abs(v) for v in s] if score == "abs" else s
+        sel = sorted(range(len(s)), key=lambda c: (-s[c], c))[:k]
+        chosen.append(sel)
+        for c in sel:
+            out[t] += scale * h[c] * Bt[c]
+    return out, torch.tensor(chosen, dtype=torch.long).reshape(x.shape[0], k)
+
+
+# ----------------------------------------------------------------------------- sorted grouped path
+
+
+def _segments(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
+    """Slots (``t·k + j``) sorted by expert (stable) and each expert's slot count (host ints)."""
+    flat = expert_ids.reshape(-1)
+    key = torch.where(flat >= 0, flat, num_experts)
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
+    return order, counts
+
+
+def grouped_lora_forward(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Tensor,
+                         rank_offsets: tuple[int, ...], scale_e: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted-segment MoE-LoRA: one contiguous slot segment per expert (the grouped twin).
+
+    Args:
+        x: ``[T, d_in]``; A: ``[R, d_in]``; Bt: ``[R, d_out]`` (rank-major bank).
+        expert_ids, weights: ``[T, k]`` routing (``-1`` = empty slot).
+        rank_offsets: host ints ``[E+1]``: expert e owns rows ``rank_offsets[e]:rank_offsets[e+1]``.
+        scale_e: ``[E]`` per-expert output scale.
+
+    Returns:
+        ``(y [T, d_out], hs [T·k, r_max])`` where ``hs[s, :r_e] = x[s // k] A_eᵀ`` (0 elsewhere).
+    """
+    T, k = expert_ids.shape
+    E = len(rank_offsets) - 1
+    r_max = max([rank_offsets[e + 1] - rank_offsets[e] for e in range(E)], default=0)
+    order, counts = _segments(expert_ids, E)
+    hs = x.new_zeros(T * k, r_max)
+    y = x.new_zeros(T, Bt.shape[1])
+    w = weights.reshape(-1)
+    start = 0
+    for e, c in enumerate(counts):
+        slots, start = order[start:start + c], start + c
+        lo, hi = rank_offsets[e], rank_offsets[e + 1]
+        if c == 0 or hi == lo:
+            continue
+        tok = slots // k
+        h = x[tok] @ A[lo:hi].t()
+        hs[slots, :hi - lo] = h
+        y.index_add_(0, tok, (h * (w[slots] * scale_e[e]).unsqueeze(1)) @ Bt[lo:hi])
+    return y, hs
+
+
+def grouped_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, hs: Tensor, expert_ids: Tensor,
+                          weights: Tensor, rank_offsets: tuple[int, ...], scale_e: Tensor, *,
+                          need_x: bool = True, need_A: bool = True, need_Bt: bool = True,
+                          need_w: bool = True) -> tuple[Tensor | None, ...]:
+    """Backward of :func:`grouped_lora_forward`. ``hs`` is its per-slot ``[T·k, r_max]`` output.
+
+    Returns ``(grad_x [T, d_in], grad_A [R, d_in], grad_Bt [R, d_out], grad_w [T, k])`` (None where
+    not needed). The gate gradient is the ``r_e``-wide dot ``scale_e · <du_slot, h_slot>``."""
+    T, k = expert_ids.shape
+    E = len(rank_offsets) - 1
+    order, counts = _segments(expert_ids, E)
+    w = weights.reshape(-1)
+    gx = torch.zeros_like(x) if need_x else None
+    gA = torch.zeros_like(A) if need_A else None
+    gB = torch.zeros_like(Bt) if need_Bt else None
+    gw = w.new_zeros(T * k) if need_w else None
+    start = 0
+    for e, c in enumerate(counts):
+        slots, start = order[start:start + c], start + c
+        lo, hi = rank_offsets[e], rank_offsets[e + 1]
+        if c == 0 or hi == lo:
+            continue
+        tok = slots // k
+        dy, h, g = grad_y[tok], hs[slots, :hi - lo], (w[slots] * scale_e[e]).unsqueeze(1)
+        du = dy @ Bt[lo:hi].t()
+        if need_w:
+            gw[slots] = (du * h).sum(1) * scale_e[e]
+        if need_x:
+            gx.index_add_(0, tok, (g * du) @ A[lo:hi])
+        if need_A:
+            gA[lo:hi] = (g * du).t() @ x[tok]
+        if need_Bt:
+            gB[lo:hi] = (g * h).t() @ dy
+    return gx, gA, gB, None if gw is None else gw.view(T, k)
