@@ -1,0 +1,129 @@
+"""Custom-op registration (fake impls, torch.compile) and the layer in torch vs triton mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moelora
+from moelora import kernels as K
+from test_kernels_cases import DEVICE, make_bank, make_routing, needs_triton, rel
+
+RANKS = [4, 0, 3, 5]
+
+
+class _AllOps(torch.nn.Module):
+    """A toy model whose forward uses all three public ops and a trainable router."""
+
+    def __init__(self, backend: str, d: int = 20, m: int = 24) -> None:
+        super().__init__()
+        A, Bt, self.col_expert, self.col_scale, self.scale = make_bank(RANKS, d, m, seed=1)
+        self.A, self.Bt = torch.nn.Parameter(A), torch.nn.Parameter(Bt)
+        self.A2, self.B2 = torch.nn.Parameter(torch.randn(8, d) / 4), torch.nn.Parameter(torch.randn(8, m))
+        self.router = torch.nn.Linear(d, len(RANKS))
+        self.backend = backend
+
+    def forward(self, x):
+        probs = self.router(x).softmax(-1)
+        w, ids = probs.topk(2, dim=-1)
+        ids = torch.where(w > 0.3, ids, -1)  # some empty slots
+        y = K.gated_lora(x, self.A, self.Bt, ids, w, self.col_expert, self.col_scale, num_experts=4,
+                         backend=self.backend)
+        y2, _ = K.rankwise_lora(x, self.A2, self.B2, 3, score="signed", backend=self.backend)
+        y3 = K.grouped_lora(x, self.A, self.Bt, ids, w, RANKS, self.scale, backend=self.backend)
+        return y + y2 + y3
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_torch_compile_traces_all_ops_without_graph_breaks(backend):
+    torch.manual_seed(0)
+    model = _AllOps(backend).to(DEVICE)
+    x = torch.randn(11, 20, device=DEVICE)
+    eager = model(x)
+    eager.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")   # fullgraph: a break is an error
+    out = compiled(x)
+    out.square().sum().backward()
+    assert rel(out, eager) < 1e-6
+    for n, p in model.named_parameters():
+        assert rel(p.grad, want[n]) < 1e-6, n
+
+
+@needs_triton
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schema, fake impl vs real outputs, and dispatch under AOT autograd."""
+    ops = K.ops.triton_ops()
+    A, Bt, ce, cs, scale = [t.to(DEVICE) for t in make_bank(RANKS, 20, 24)]
+    ids, w = [t.to(DEVICE) for t in make_routing(9, 4, 2, "random")]
+    x, dy = torch.randn(9, 20, device=DEVICE), torch.randn(9, 24, device=DEVICE)
+    h = ops.shrink(x, A)
+    plan = K.build_routing_plan(ids, 4)
+    roff = torch.tensor([0, 4, 4, 7, 12], dtype=torch.int32, device=DEVICE)
+    hs, _ = ops.grouped_shrink(x, A, roff, plan.sorted_slot_ids, plan.block_expert, 2, 5, 16, None, None)
+    calls = [
+        (ops.shrink, (x, A)),
+        (ops.gate_expand, (h, Bt, ids, w, ce, cs, torch.float32)),
+        (ops.topk_expand, (h, Bt, 3, torch.randn(12, device=DEVICE), True, 0.5, torch.float32)),
+        (ops.xty, (h, dy, ids, w, ce, cs, torch.float32)),
+        (ops.gate_grad, (h, h, ids, ce, cs)),
+        (ops.grouped_shrink, (dy, Bt, roff, plan.sorted_slot_ids, plan.block_expert, 2, 5, 16, hs, scale)),
+        (ops.grouped_expand, (hs, Bt, roff, plan.sorted_slot_ids, plan.block_expert, w, scale, 9, 2, 16,
+                              torch.float32, False)),
+        (ops.grouped_xty, (hs, dy, roff, plan.sorted_slot_ids, plan.block_offsets, w, scale, 12, 2, 16,
+                           torch.float32)),
+    ]
+    for op, args in calls:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def _llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_output_same_in_torch_and_triton_mode(dtype):
+    cfg = dict(target_modules=["q_proj", "v_proj", "down_proj"], num_experts=4, top_k=2, rank=4, seed=0,
+               adapter_dtype=dtype)
+    models = {}
+    for backend in ("torch", "triton"):
+        model = moelora.inject(_llama(), moelora.MoELoRAConfig(backend=backend, **cfg)).to(DEVICE)
+        g = torch.Generator().manual_seed(3)
+        for layer in moelora.wrapped_layers(model):
+            with torch.no_grad():  # B starts at zero: give it values so the experts matter
+                layer.bank.Bt.copy_(torch.randn(layer.bank.Bt.shape, generator=g))
+            assert layer.backend == backend
+        models[backend] = model
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    outs, grads = {}, {}
+    for backend, model in models.items():
+        logits = model(input_ids=ids).logits
+        logits.float().square().mean().backward()
+        outs[backend] = logits.detach()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert rel(outs["triton"], outs["torch"]) < (1e-5 if dtype == "float32" else 1e-2)
+    # bf16 gradients pass through six bf16 expert layers and bf16 routers (softmax, top-k), and the
+    # two modes round differently (the torch twin rounds h and du to bf16, the kernels keep fp32),
+    # so model-level gradients agree to ~1-2 %, not to the 1e-2 of a single op.
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    assert grads["torch"].keys() == grads["triton"].keys() and len(grads["torch"]) > 0
+    for n, g in grads["torch"].items():
+        assert rel(grads["triton"][n], g) < tol, n
+
+
+@pytest.mark.slow
+@needs_triton
+def test_torch_compile_of_an_injected_model():
+    model = moelora.inject(_llama(), moelora.MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4,
+                                                           top_k=2, rank=4, seed=0, backend="triton")).to(DEVICE)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    eager = model(input_ids=ids).logits
+    compiled = torch.compile(model, backend="aot_eager")
+    assert rel(compiled(input_ids=ids).logits, eager) < 1e-5

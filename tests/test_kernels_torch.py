@@ -1,0 +1,237 @@
+"""Torch backend of the kernel ops: gradcheck in float64, the naive loops, tie rule, routing plan,
+backend resolution and the dense/grouped dispatch. Fast: no Triton here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from moelora import kernels as K
+from moelora.kernels import grouped as grouped_mod
+from moelora.kernels import ops as ops_mod
+from moelora.kernels import reference
+from test_kernels_cases import make_bank, make_routing, naive_gated, naive_rankwise, rel, run_with_grads
+
+RANKS = {"homog": [4, 4, 4], "hetero": [4, 8, 5], "rank1": [1] * 6, "rank0": [3, 0, 2, 1]}
+
+
+@pytest.mark.parametrize("ranks", list(RANKS), ids=list(RANKS))
+@pytest.mark.parametrize("k", [1, 2, "E"])
+def test_gated_and_grouped_gradcheck_float64(ranks, k):
+    ranks = RANKS[ranks]
+    E = len(ranks)
+    k = E if k == "E" else k
+    A, Bt, col_expert, col_scale, scale = make_bank(ranks, 5, 4, seed=k)
+    ids, w = make_routing(6, E, k, "random", seed=3)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
+    inputs = [t.double().requires_grad_() for t in (x, A, Bt, w)]
+
+    def dense(x, A, Bt, w):
+        return K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale.double(), num_experts=E, backend="torch")
+
+    def grouped(x, A, Bt, w):
+        return K.grouped_lora(x, A, Bt, ids, w, ranks, scale.double(), backend="torch")
+
+    assert torch.autograd.gradcheck(dense, inputs)
+    assert torch.autograd.gradcheck(grouped, inputs)
+
+
+@pytest.mark.parametrize("score", ["abs", "signed"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_rankwise_gradcheck_float64(score, k):
+    g = torch.Generator().manual_seed(k)
+    x, A, Bt, bias = torch.randn(7, 5, generator=g), torch.randn(6, 5, generator=g), \
+        torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    inputs = [t.double().requires_grad_() for t in (x, A, Bt)]
+
+    def fn(x, A, Bt):
+        return K.rankwise_lora(x, A, Bt, k, bias=bias.double(), score=score, scale=0.8, backend="torch")[0]
+
+    # A random x keeps every score away from a tie, so the selection is locally constant.
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("T,pattern,k", [(0, "random", 2), (1, "random", 2), (7, "skewed", 1), (37, "sparse", 2),
+                                         (37, "full", 4), (130, "random", 2)])
+def test_torch_ops_match_float64_loop(T, pattern, k):
+    ranks = [4, 0, 8, 5]
+    A, Bt, col_expert, col_scale, scale = make_bank(ranks, 100, 72, seed=T)
+    ids, w = make_routing(T, len(ranks), k, pattern, seed=T)
+    x, dy = torch.randn(T, 100), torch.randn(T, 72)
+    want = naive_gated(x, A, Bt, ids, w, ranks, scale, dy)
+    dense = run_with_grads(lambda x, A, Bt, w: K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale,
+                                                            num_experts=4, backend="torch"), (x, A, Bt, w), dy)
+    grouped = run_with_grads(lambda x, A, Bt, w: K.grouped_lora(x, A, Bt, ids, w, ranks, scale, backend="torch"),
+                             (x, A, Bt, w), dy)
+    for got in (dense, grouped):
+        for name, a, b in zip(("y", "dx", "dA", "dBt", "dw"), got, want):
+            assert rel(a, b) < 1e-5, name
+
+
+def test_minus_one_slots_contribute_nothing_and_get_zero_grad():
+    A, Bt, col_expert, col_scale, scale = make_bank([3, 2], 6, 5)
+    ids = torch.tensor([[0, -1], [-1, -1], [1, 0]])
+    w = torch.rand(3, 2, requires_grad=True)
+    x = torch.randn(3, 6)
+    y = K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale, num_experts=2, backend="torch")
+    assert torch.equal(y[1], torch.zeros(5))
+    y.sum().backward()
+    assert w.grad[0, 1] == 0 and w.grad[1].abs().sum() == 0 and w.grad[2].abs().min() > 0
+
+
+@pytest.mark.parametrize("score", ["abs", "signed"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rankwise_torch_matches_loop_and_grad_x_switch(score, bias):
+    g = torch.Generator().manual_seed(5)
+    x, A, Bt, dy = torch.randn(37, 100, generator=g), torch.randn(16, 100, generator=g), \
+        torch.randn(16, 72, generator=g), torch.randn(37, 72, generator=g)
+    b = torch.randn(16, generator=g) if bias else None
+    y64, dx64, dA64, dB64, idx64 = naive_rankwise(x, A, Bt, 4, b, score, 0.5, dy)
+    out, gx, gA, gB = run_with_grads(
+        lambda x, A, Bt: K.rankwise_lora(x, A, Bt, 4, bias=b, score=score, scale=0.5, backend="torch"),
+        (x, A, Bt), dy)
+    assert torch.equal(out[1], idx64)
+    assert rel(out[0], y64) < 1e-5 and rel(gx, dx64) < 1e-5 and rel(gA, dA64) < 1e-5 and rel(gB, dB64) < 1e-5
+    _, gx_off, _, gB_off = run_with_grads(
+        lambda x, A, Bt: K.rankwise_lora(x, A, Bt, 4, bias=b, score=score, scale=0.5, grad_x=False,
+                                         backend="torch"), (x, A, Bt), dy)
+    assert gx_off is None and torch.equal(gB_off, gB)  # PEFT semantics: no gradient into x
+
+
+def test_topk_lowest_index_rule():
+    score = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0], [0.0, -1.0, 5.0, 5.0, -1.0]])
+    got = reference.topk_lowest_index(score, 3)
+    assert got.tolist() == [[1, 2, 4], [0, 1, 2], [2, 3, 0]]
+    # signed vs abs: -3 ties +3 under "abs" and loses under "signed"
+    h = torch.tensor([[3.0, -3.0, 1.0]])
+    assert reference.topk_lowest_index(reference.rankwise_score(h, None, "abs"), 2).tolist() == [[0, 1]]
+    assert reference.topk_lowest_index(reference.rankwise_score(h, None, "signed"), 2).tolist() == [[0, 2]]
+
+
+def _plan_oracle(ids: np.ndarray, E: int, bm: int):
+    """Numpy loop: each expert's slots in increasing order, padded with the sentinel to bm."""
+    n = ids.size
+    flat = ids.reshape(-1)
+    runs, block_expert, block_offsets = [], [], [0]
+    for e in range(E):
+        slots = [s for s in range(n) if flat[s] == e]
+        nb = -(-len(slots) // bm)
+        runs += slots + [n] * (nb * bm - len(slots))
+        block_expert += [e] * nb
+        block_offsets.append(block_offsets[-1] + nb)
+    return runs, block_expert, block_offsets
+
+
+@pytest.mark.parametrize("T,k,E,bm,pattern", [(0, 2, 3, 16, "random"), (1, 1, 4, 16, "random"),
+                                               (37, 2, 5, 16, "random"), (130, 2, 4, 32, "skewed"),
+                                               (50, 3, 6, 16, "sparse"), (20, 4, 4, 64, "full")])
+def test_routing_plan_matches_oracle(T, k, E, bm, pattern):
+    ids, _ = make_routing(T, E, k, pattern, seed=T)
+    plan = K.build_routing_plan(ids, E, block_m=bm)
+    runs, bexp, boff = _plan_oracle(ids.numpy(), E, bm)
+    nb = -(-(T * k) // bm) + E
+    assert plan.sorted_slot_ids.shape == (nb * bm,) and plan.block_expert.shape == (nb,)
+    assert plan.sorted_slot_ids[:len(runs)].tolist() == runs
+    assert (plan.sorted_slot_ids[len(runs):] == T * k).all()            # unused tail = sentinel
+    assert plan.block_expert.tolist() == bexp + [-1] * (nb - len(bexp))
+    assert plan.block_offsets.tolist() == boff
+    counts = np.bincount(ids.numpy().reshape(-1)[ids.numpy().reshape(-1) >= 0], minlength=E)
+    assert plan.expert_offsets.tolist() == [0] + np.cumsum(counts).tolist()
+    assert (plan.num_slots, plan.top_k, plan.block_m, plan.num_experts) == (T * k, k, bm, E)
+
+
+def test_routing_plan_rejects_bad_block():
+    with pytest.raises(ValueError, match="block_m"):
+        K.build_routing_plan(torch.zeros(3, 1, dtype=torch.long), 2, block_m=24)
+
+
+def test_resolve_backend_rules(monkeypatch):
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="backend='cuda' is invalid"):
+        K.resolve_backend("cuda", cpu)
+    assert K.resolve_backend("torch", cpu) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert K.resolve_backend("auto", cpu) == "torch"
+    if K.triton_available():
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            K.resolve_backend("triton", cpu)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert K.resolve_backend("auto", cpu) == "triton"
+        assert K.resolve_backend("triton", cpu) == "triton"
+
+
+def test_import_and_auto_without_triton():
+    """A machine without triton (macOS): import works, auto falls back, triton says what to do."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import importlib.util; importlib.util.find_spec = (lambda f: lambda n, *a: None if n == 'triton' else f(n, *a))(importlib.util.find_spec)\n"
+        "import torch, moelora\n"
+        "from moelora import kernels as K\n"
+        "A, Bt = torch.randn(4, 3), torch.randn(4, 2)\n"
+        "y = K.gated_lora(torch.randn(5, 3), A, Bt, torch.zeros(5, 1, dtype=torch.long), torch.ones(5, 1),\n"
+        "                 torch.zeros(4, dtype=torch.long), torch.ones(4), num_experts=1, backend='auto')\n"
+        "assert y.shape == (5, 2) and 'triton' not in sys.modules\n"
+        "try:\n"
+        "    K.gated_lora(torch.randn(5, 3), A, Bt, torch.zeros(5, 1, dtype=torch.long), torch.ones(5, 1),\n"
+        "                 torch.zeros(4, dtype=torch.long), torch.ones(4), num_experts=1, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not installed' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+        "print('ok')\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_gated_lora_switches_to_grouped_above_threshold(monkeypatch):
+    ranks = [4, 0, 8, 5]
+    A, Bt, col_expert, col_scale, scale = make_bank(ranks, 10, 6)
+    ids, w = make_routing(9, 4, 2, "random")
+    x = torch.randn(9, 10)
+    dense = K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale, num_experts=4, backend="torch")
+    calls = []
+    real = grouped_mod.grouped_lora
+
+    def spy(*args, **kwargs):
+        calls.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grouped_mod, "grouped_lora", spy)
+    monkeypatch.setitem(ops_mod.DENSE_MAX_RANK, "torch", 16)   # R = 17 > 16
+    for given in (None, ranks):
+        y = K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale, num_experts=4, backend="torch", ranks=given)
+        assert rel(y, dense) < 1e-6
+    assert calls == [ranks, ranks]
+    monkeypatch.setitem(ops_mod.DENSE_MAX_RANK, "torch", 17)
+    K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale, num_experts=4, backend="torch")
+    assert len(calls) == 2
+
+
+def test_bad_inputs_name_the_problem():
+    A, Bt, col_expert, col_scale, scale = make_bank([2, 2], 4, 3)
+    ids, w = make_routing(5, 2, 1, "random")
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match="routing shape"):
+        K.gated_lora(x, A, Bt, ids[:4], w[:4], col_expert, col_scale, num_experts=2)
+    with pytest.raises(ValueError, match="col_expert"):
+        K.gated_lora(x, A, Bt, ids, w, col_expert[:3], col_scale, num_experts=2)
+    with pytest.raises(ValueError, match="k=5"):
+        K.rankwise_lora(x, A, Bt, 5)
+    with pytest.raises(ValueError, match="score"):
+        K.rankwise_lora(x, A, Bt, 2, score="relu")
+    with pytest.raises(ValueError, match="ranks sum"):
+        K.grouped_lora(x, A, Bt, ids, w, [2, 3], scale)
+    plan = K.build_routing_plan(ids[:4], 2)
+    with pytest.raises(ValueError, match="Rebuild"):
+        K.grouped_lora(x, A, Bt, ids, w, [2, 2], scale, plan=plan)
