@@ -262,9 +262,11 @@ def test_gate_supervision_is_one_cross_entropy_over_all_gates(llama_adapters, to
 def test_task_ids_survive_checkpoint_recompute_and_are_checked(llama_adapters, token_ids):
     model = fused_llama(llama_adapters).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mask = torch.ones_like(token_ids)
+    mask[0, -2:] = 0
     moelora.set_task_ids(model, torch.ones_like(token_ids))
-    loss = model(token_ids, labels=token_ids).loss + moelora.aux_loss(model)
-    loss.backward()  # recomputation inside backward must see the same ids (same saved tensors)
+    loss = model(token_ids, attention_mask=mask, labels=token_ids).loss + moelora.aux_loss(model)
+    loss.backward()  # recomputation inside backward must see the same ids and mask (same saved tensors)
     assert all(layer.router.gate.weight.grad is not None for layer in moelora.wrapped_layers(model))
     with pytest.raises(ValueError, match="fuses 3 adapters"):
         moelora.set_task_ids(model, torch.full_like(token_ids, 3))

@@ -196,6 +196,25 @@ def test_config_round_trips_through_json(good):
     assert moelora.config_from_dict(json.loads(cfg.to_json())) == cfg
 
 
+def test_inject_fuses_the_adapters_named_in_the_config(good, tmp_path, token_ids):
+    """A config alone (as LightningCLI builds it from YAML) builds the model through inject."""
+    cfg = moelora.MeteoRAConfig(adapters=dict(good), top_k=1)
+    model = moelora.inject(tiny_llama(), moelora.config_from_dict(json.loads(cfg.to_json()))).eval()
+    direct = moelora.from_lora_adapters(tiny_llama(), good, config=moelora.MeteoRAConfig(top_k=1)).eval()
+    assert model._moelora_state.config == direct._moelora_state.config
+    with torch.no_grad():
+        torch.testing.assert_close(model(token_ids).logits, direct(token_ids).logits, atol=0, rtol=0)
+    # Re-fusing from the saved (fused) config checks the files against the recorded sha256.
+    fused = json.loads(model._moelora_state.config.to_json())
+    changed = tampered(good["b"], tmp_path / "b2", edit_tensors=lambda t: t.update(
+        {k: v * 2 for k, v in t.items() if k.endswith("lora_B.weight")}))
+    fused["adapters"]["b"] = changed
+    with pytest.warns(UserWarning, match=r"\['b'\] differ from the sha256"):
+        moelora.inject(tiny_llama(), moelora.config_from_dict(fused))
+    with pytest.raises(TypeError, match="MeteoRAConfig.adapters"):
+        moelora.from_lora_adapters(tiny_llama())
+
+
 def test_cli_import_then_export(tmp_path, token_ids, capsys):
     model_dir = tmp_path / "base"
     tiny_llama().save_pretrained(model_dir)

@@ -85,6 +85,10 @@ class MeteoRAConfig(MoELoRAConfig):
     adapter's): ``"warn"`` (default), ``"raise"`` or ``"ignore"``. Shapes are always enforced."""
     max_adapter_bytes: int | None = 1 << 34
     """Refuse an adapter file whose tensors total more bytes than this (16 GiB); None = no bound."""
+    adapters: dict[str, str] | None = None
+    """``{expert name: PEFT LoRA directory}``, so a YAML / JSON config alone can build the model
+    (``moelora.inject(model, config)`` then fuses them). ``from_lora_adapters``' own ``adapters``
+    argument wins; the fused config records the directories used."""
     experts: list[dict[str, Any]] = field(default_factory=list)
     """Provenance, one entry per expert in gate order: name, path, weights file, sha256 and the
     adapter's LoRA settings. Filled in by :func:`from_lora_adapters`; saved with the adapter."""
@@ -119,11 +123,19 @@ class MeteoRAConfig(MoELoRAConfig):
                                                    or isinstance(self.max_adapter_bytes, bool)
                                                    or self.max_adapter_bytes < 1):
             _fail("max_adapter_bytes", self.max_adapter_bytes, "an integer >= 1, or null for no bound")
+        if self.adapters is not None and (not isinstance(self.adapters, dict) or not self.adapters or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.adapters.items())):
+            _fail("adapters", self.adapters, "a non-empty object {expert name: PEFT LoRA directory}, or null")
         if not isinstance(self.experts, list) or not all(
                 isinstance(e, dict) and isinstance(e.get("name"), str) for e in self.experts):
             _fail("experts", self.experts, "a list of provenance objects, each with a string 'name'")
         if self.experts and self.num_experts is not None and len(self.experts) != self.num_experts:
             _fail("experts", f"<{len(self.experts)} entries>", f"one entry per expert (num_experts={self.num_experts})")
+
+    def inject_into(self, model: nn.Module) -> nn.Module | None:
+        """``moelora.inject`` hook: fuse ``adapters`` into ``model``; ``None`` (plain injection of
+        fresh experts, which needs ``target_modules`` and ``num_experts``) when there are none."""
+        return from_lora_adapters(model, config=self) if self.adapters else None
 
     def make_router(self, *, in_features: int, generator=None) -> MeteoRARouter:
         """A :class:`~moelora.routers.MeteoRARouter` for one wrapped linear with ``in_features`` inputs."""
@@ -137,7 +149,7 @@ class MeteoRAConfig(MoELoRAConfig):
 
 
 # ---------------------------------------------------------------------------------------- fusion
-def from_lora_adapters(model: nn.Module, adapters: Mapping[str, Any],
+def from_lora_adapters(model: nn.Module, adapters: Mapping[str, Any] | None = None,
                        config: MeteoRAConfig | None = None) -> nn.Module:
     """Fuse PEFT LoRA adapter directories into ``model`` as routed experts, in place (MeteoRA).
 
@@ -147,7 +159,7 @@ def from_lora_adapters(model: nn.Module, adapters: Mapping[str, Any],
             ``AutoModelForCausalLM``) the adapters were made with.
         adapters: ``{expert name: PEFT LoRA directory}``; the order is the gate order (and the
             task-id order for :func:`set_task_ids`). Names are used as export directory names:
-            letters, digits, ``_ . -``.
+            letters, digits, ``_ . -``. Default: ``config.adapters``.
         config: a :class:`MeteoRAConfig` (default ``MeteoRAConfig()``).
 
     Returns:
@@ -161,6 +173,7 @@ def from_lora_adapters(model: nn.Module, adapters: Mapping[str, Any],
     config = MeteoRAConfig() if config is None else config
     if not isinstance(config, MeteoRAConfig):
         raise TypeError(f"config must be a MeteoRAConfig, got {type(config).__name__}")
+    adapters = config.adapters if adapters is None else adapters
     names = _check_adapter_names(adapters)
     if getattr(model, STATE_ATTR, None) is not None or wrapped_layers(model):
         raise ValueError("this model already holds a moelora adapter; call moelora.unwrap(model) first, "
@@ -175,8 +188,10 @@ def from_lora_adapters(model: nn.Module, adapters: Mapping[str, Any],
     loaded = [read_lora_adapter(name, adapters[name], model, allow_pickle=config.allow_pickle,
                                 max_bytes=config.max_adapter_bytes) for name in names]
     _check_bases(model, loaded, config.on_base_mismatch)
+    _check_unchanged(loaded, config.experts)
     targets = _select_modules(model, loaded, config)
     fused = dataclasses.replace(config, target_modules=targets, num_experts=n,
+                                adapters={a.name: str(adapters[a.name]) for a in loaded},
                                 experts=[a.provenance() for a in loaded])
     ranks = {m: [a.modules[m].rank if m in a.modules else 0 for a in loaded] for m in targets}
     scales = {m: [a.modules[m].scale if m in a.modules else 0.0 for a in loaded] for m in targets}
@@ -198,8 +213,8 @@ def from_lora_adapters(model: nn.Module, adapters: Mapping[str, Any],
 
 def _check_adapter_names(adapters: Any) -> list[str]:
     if not isinstance(adapters, Mapping) or not adapters:
-        raise TypeError("adapters must be a non-empty mapping {expert name: PEFT LoRA directory}, got "
-                        f"{type(adapters).__name__}")
+        raise TypeError("adapters must be a non-empty mapping {expert name: PEFT LoRA directory} (the argument, "
+                        f"or MeteoRAConfig.adapters), got {type(adapters).__name__}")
     names = list(adapters)
     bad = [n for n in names if not isinstance(n, str) or not _NAME_RE.match(n) or n in (".", "..")]
     if bad:
@@ -234,6 +249,15 @@ def _check_bases(model: nn.Module, loaded: list[LoraAdapter], policy: str) -> No
     if policy == "raise":
         raise ValueError(message)
     warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _check_unchanged(loaded: list[LoraAdapter], recorded: list[dict[str, Any]]) -> None:
+    """Re-fusing from a saved config: warn when an adapter file is not the one recorded."""
+    by_name = {e.get("name"): e for e in recorded}
+    changed = [a.name for a in loaded if a.name in by_name and by_name[a.name].get("sha256") not in (None, a.sha256)]
+    if changed:
+        warnings.warn(f"adapter file(s) of {changed} differ from the sha256 recorded in the config (the adapters "
+                      "changed since the fusion this config comes from).", UserWarning, stacklevel=3)
 
 
 def _select_modules(model: nn.Module, loaded: list[LoraAdapter], config: MeteoRAConfig) -> list[str]:
