@@ -292,14 +292,19 @@ def test_gate_training_routes_each_task_to_its_adapter(llama_adapters):
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-2)
-    for _ in range(30):
-        ids = torch.cat([batch(0), batch(1)])
-        task_ids = torch.cat([torch.zeros(8, 12), torch.ones(8, 12)]).long()
-        moelora.set_task_ids(model, task_ids)
-        loss = model(ids, labels=ids).loss + moelora.aux_loss(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    task_ids = torch.cat([torch.zeros(8, 12), torch.ones(8, 12)]).long()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 32-wide matrices: one thread is fastest, and immune to oversubscribed CPUs
+    try:
+        for _ in range(100):
+            ids = torch.cat([batch(0), batch(1)])
+            moelora.set_task_ids(model, task_ids)
+            loss = model(ids, labels=ids).loss + moelora.aux_loss(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
         for task in (0, 1):
