@@ -51,13 +51,14 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
 
         def after_fit(self) -> None:
             trainer, module = self.trainer, self.model
+            log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
             if not trainer.is_global_zero:
                 return
             ckpt = trainer.checkpoint_callback
             logger = next(iter(trainer.loggers), None)
             routing = next((c for c in trainer.callbacks if isinstance(c, RoutingLogger)), None)
             print("\nmoelora fit finished")
-            print(f"  logs:            {trainer.log_dir}")
+            print(f"  logs:            {log_dir}")
             if logger is not None and len(trainer.loggers) > 1:
                 print("  loggers:         " + ", ".join(f"{type(lg).__name__} -> {lg.log_dir}" for lg in trainer.loggers))
             if ckpt is not None and ckpt.best_model_path:

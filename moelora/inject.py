@@ -163,23 +163,33 @@ def attach_adapter(model: nn.Module, plan: AdapterPlan) -> None:
         setattr(parent, child, module)
     setattr(model, STATE_ATTR, state)
     state.handles = [
-        model.register_forward_pre_hook(_capture_mask(state), with_kwargs=True),
-        model.register_forward_hook(_clear_mask(state), always_call=True),
+        model.register_forward_pre_hook(_CaptureMask(state), with_kwargs=True),
+        model.register_forward_hook(_ReleaseMask(state), always_call=True),
     ]
 
 
-def _capture_mask(state: AdapterState):
-    def hook(module, args, kwargs):
+class _CaptureMask:
+    """Forward pre-hook: the flattened ``attention_mask`` of this forward becomes the token mask.
+
+    A class, not a closure, so injected models stay picklable (``ddp_spawn``, ``deepcopy``)."""
+
+    def __init__(self, state: AdapterState) -> None:
+        self.state = state
+
+    def __call__(self, module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask")
-        state.token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
-    return hook
+        self.state.token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
-def _clear_mask(state: AdapterState):
-    def hook(module, args, output):
-        # Kept for non-reentrant checkpointing: its recomputation runs after this hook, in backward.
-        state.last_token_mask, state.token_mask = state.token_mask, None
-    return hook
+class _ReleaseMask:
+    """Forward hook: keep the mask for activation-checkpoint recomputation (which runs after
+    the forward returned, in backward) and clear it for anything else."""
+
+    def __init__(self, state: AdapterState) -> None:
+        self.state = state
+
+    def __call__(self, module, args, output) -> None:
+        self.state.last_token_mask, self.state.token_mask = self.state.token_mask, None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

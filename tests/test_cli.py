@@ -10,7 +10,7 @@ import yaml
 from moelora.cli import build_cli, main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-FAST = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+FAST = ["--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
         "--data.batch_size=4", "--data.suite_train_per_task=2", "--data.suite_val_per_task=1"]
 
 

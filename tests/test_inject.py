@@ -204,3 +204,18 @@ def test_checkpointed_gradients_equal_plain_ones_with_padding(token_ids):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_injected_model_pickles_and_deepcopies(token_ids):
+    import pickle
+
+    model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], seed=0)).eval()
+    for layer in moelora.wrapped_layers(model):
+        torch.nn.init.normal_(layer.bank.Bt)
+    with torch.no_grad():
+        want = model(token_ids).logits
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        with torch.no_grad():
+            torch.testing.assert_close(clone(token_ids).logits, want, atol=0, rtol=0)
+        moelora.unwrap(clone)  # the copy has its own adapter state
+    assert len(moelora.wrapped_layers(model)) == 2

@@ -136,7 +136,7 @@ def test_local_files_with_custom_columns(tmp_path):
         data.setup()
         batch = next(iter(data.train_dataloader()))
         assert batch["labels"].shape == (5,) and "task_ids" not in batch
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['text'\]"):
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['text', 'label'\]"):
         TextDataModule(dataset=str(tmp_path / "d.csv")).setup()
     with pytest.raises(FileNotFoundError, match="nope.json"):
         TextDataModule(dataset=str(tmp_path / "nope.json")).setup()
@@ -147,7 +147,7 @@ DDP_SCRIPT = textwrap.dedent('''
     from torch.utils.data import DataLoader
     from moelora.lightning import MoELoRAModule, RoutingLogger, TextDataModule
 
-    world, out = int(sys.argv[1]), sys.argv[2]
+    world, out = int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "."
 
     class Data(TextDataModule):
         # Global batch g holds examples 4g..4g+3; with 2 ranks each takes its contiguous half.
@@ -157,15 +157,21 @@ DDP_SCRIPT = textwrap.dedent('''
             order = [4 * g + rank * per + i for g in range(3) for i in range(per)]
             return DataLoader(self.train_set.select(order), batch_size=per, collate_fn=self.collate)
 
-    L.seed_everything(0)
-    method = moelora.MoELoRAConfig(target_modules=["query", "value"], num_experts=4, top_k=2, rank=2, seed=0)
-    module = MoELoRAModule(method, backbone_dropout=False)
-    cb = RoutingLogger(every_n_steps=1)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=world, strategy="ddp_spawn" if world > 1 else "auto",
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
-                        default_root_dir=out, callbacks=[cb])
-    trainer.fit(module, Data(suite_train_per_task=2, batch_size=4))
+    if __name__ == "__main__":  # ddp_spawn children import this file again
+        L.seed_everything(0)
+        # No aux loss: the per-rank Switch loss is computed on local tokens, so only without it is
+        # DDP's averaged gradient the gradient of the global batch. A wide router init keeps routing
+        # margins far above float round-off.
+        method = moelora.MoELoRAConfig(target_modules=["query", "value"], num_experts=4, top_k=2, rank=2, seed=0,
+                                       aux_loss_coef=0.0, router_init_std=1.0)
+        module = MoELoRAModule(method, backbone_dropout=False)
+        cb = RoutingLogger(every_n_steps=1)
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=world,
+                            strategy="ddp_spawn" if world > 1 else "auto", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=out,
+                            callbacks=[cb])
+        trainer.fit(module, Data(suite_train_per_task=2, batch_size=4))
 ''')
 
 

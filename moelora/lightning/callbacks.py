@@ -71,9 +71,10 @@ class RoutingLogger(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         totals = moelora.routing_stats(pl_module.model, sync=True).layers
-        if not trainer.is_global_zero or not trainer.log_dir:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero or not log_dir:
             return
-        self.stats_path = Path(trainer.log_dir) / "routing_stats.json"
+        self.stats_path = Path(log_dir) / "routing_stats.json"
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.stats_path, {name: s.to_dict() for name, s in totals.items()})
 
@@ -88,9 +89,10 @@ class RoutingPredictionWriter(BasePredictionWriter):
         self.path: Path | None = None
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
-        self.path = Path(self.output or Path(trainer.log_dir or ".") / "predictions.jsonl")
+        self.path = Path(self.output or Path(log_dir or ".") / "predictions.jsonl")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         tmp = self.path.with_name(f".{self.path.name}.tmp")

@@ -173,8 +173,9 @@ class MoELoRAModule(L.LightningModule):
             torch.set_rng_state(extra["rng"])
 
     def on_train_end(self) -> None:
+        log_dir = self.trainer.log_dir if self.trainer is not None else None  # a collective under DDP
         if self.trainer is not None and not self.trainer.is_global_zero:
             return
-        log_dir = self.trainer.log_dir if self.trainer is not None and self.trainer.log_dir else "."
+        log_dir = log_dir or "."
         target = Path(self.hparams.adapter_dir) if self.hparams.adapter_dir else Path(log_dir) / "adapter"
         self.adapter_path = moelora.save_adapter(self.model, target)
