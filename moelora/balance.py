@@ -65,6 +65,8 @@ class LayerStats:
         coactivation: ``[E, E]`` how often two experts were chosen for the same token.
         tokens: real tokens seen.
         forwards: forward passes recorded.
+        task_counts: ``[N, E]`` slots routed to each expert by tokens of task id ``n`` (rows grow
+            with the largest id seen), or ``None`` while no forward carried task ids.
     """
 
     counts: Tensor
@@ -73,6 +75,7 @@ class LayerStats:
     coactivation: Tensor
     tokens: int = 0
     forwards: int = 0
+    task_counts: Tensor | None = None
 
     @classmethod
     def empty(cls, num_experts: int) -> "LayerStats":
@@ -83,17 +86,35 @@ class LayerStats:
     def num_experts(self) -> int:
         return self.counts.numel()
 
+    def grow_tasks(self, num_tasks: int) -> Tensor:
+        """``task_counts`` with at least ``num_tasks`` rows (new rows are zero)."""
+        have = 0 if self.task_counts is None else self.task_counts.shape[0]
+        if num_tasks > have:
+            grown = torch.zeros(num_tasks, self.num_experts, dtype=torch.float64)
+            if self.task_counts is not None:
+                grown[:have] = self.task_counts
+            self.task_counts = grown
+        return self.task_counts
+
     def since(self, earlier: "LayerStats") -> "LayerStats":
         """The statistics accumulated after the snapshot ``earlier`` of the same layer (a window)."""
+        tasks = None
+        if self.task_counts is not None or earlier.task_counts is not None:
+            # The two snapshots may know different task ids: pad both with zero rows.
+            rows = max(t.shape[0] for t in (self.task_counts, earlier.task_counts) if t is not None)
+            tasks = dataclasses.replace(self).grow_tasks(rows) - dataclasses.replace(earlier).grow_tasks(rows)
         return LayerStats(self.counts - earlier.counts, self.prob_sum - earlier.prob_sum,
                           self.dropped - earlier.dropped, self.coactivation - earlier.coactivation,
-                          self.tokens - earlier.tokens, self.forwards - earlier.forwards)
+                          self.tokens - earlier.tokens, self.forwards - earlier.forwards, tasks)
 
     def to_dict(self) -> dict:
         """JSON-ready copy: lists of floats plus the summary scalars."""
-        return {"counts": self.counts.tolist(), "mean_probs": self.mean_probs.tolist(),
-                "dropped": self.dropped.tolist(), "coactivation": self.coactivation.tolist(),
-                "forwards": self.forwards, **self.summary()}
+        out = {"counts": self.counts.tolist(), "mean_probs": self.mean_probs.tolist(),
+               "dropped": self.dropped.tolist(), "coactivation": self.coactivation.tolist(),
+               "forwards": self.forwards, **self.summary()}
+        if self.task_counts is not None:
+            out["task_counts"] = self.task_counts.tolist()
+        return out
 
     @property
     def load(self) -> Tensor:
@@ -146,7 +167,7 @@ class LoadTracker:
 
     @torch.no_grad()
     def record(self, name: str, num_experts: int, expert_ids: Tensor, probs: Tensor | None,
-               dropped: Tensor | None, token_mask: Tensor | None) -> None:
+               dropped: Tensor | None, token_mask: Tensor | None, task_ids: Tensor | None = None) -> None:
         """Add one forward's routing of layer ``name``; skipped during checkpoint recompute.
 
         Args:
@@ -154,6 +175,8 @@ class LoadTracker:
             probs: ``[T, E]`` or ``None``.
             dropped: ``[E]`` dropped-slot counts or ``None``.
             token_mask: ``[T]`` bool real tokens, or ``None`` (all real).
+            task_ids: ``[T]`` per-token task ids (negative = none) for ``task_counts``, or ``None``;
+                ignored when their count is not ``T`` (a layer that sees other tokens).
         """
         if not self.enabled or recomputing():
             return
@@ -171,6 +194,13 @@ class LoadTracker:
             stats.prob_sum += p.double().sum(0).cpu()
         if dropped is not None:
             stats.dropped += dropped.double().cpu()
+        if task_ids is not None and task_ids.numel() == expert_ids.shape[0]:
+            tasks = task_ids.reshape(-1).to(ids.device)
+            tasks = tasks if token_mask is None else tasks[token_mask]
+            has_task = tasks >= 0
+            if bool(has_task.any()):
+                tasks = tasks[has_task].long()
+                stats.grow_tasks(int(tasks.max()) + 1).index_add_(0, tasks.cpu(), chosen[has_task].cpu())
         stats.tokens += int(ids.shape[0])
         stats.forwards += 1
 
@@ -185,19 +215,34 @@ class LoadTracker:
         must call this at the same point with the same layer names (a collective).
         """
         out = LoadTracker()
-        out.layers = {name: dataclasses.replace(s) for name, s in self.layers.items()}
+        # Clone: the tracker adds in place, so a shared tensor would make a snapshot follow it
+        # (every later window ``now.since(snapshot)`` would read zero).
+        out.layers = {name: LayerStats(s.counts.clone(), s.prob_sum.clone(), s.dropped.clone(),
+                                       s.coactivation.clone(), s.tokens, s.forwards,
+                                       None if s.task_counts is None else s.task_counts.clone())
+                      for name, s in self.layers.items()}
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return out
+        on_gpu = torch.distributed.get_backend() == "nccl"
+        # Ranks may have seen different task ids (or none): agree on one row count first.
+        rows = torch.tensor([max((0 if s.task_counts is None else s.task_counts.shape[0])
+                                 for s in out.layers.values()) if out.layers else 0], dtype=torch.float64)
+        rows = rows.cuda() if on_gpu else rows
+        torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX)
+        num_tasks = int(rows.item())
         for name in sorted(out.layers):
             s = out.layers[name]
+            e = s.num_experts
+            tasks = [] if num_tasks == 0 else [dataclasses.replace(s).grow_tasks(num_tasks).flatten()]
             flat = torch.cat([s.counts, s.prob_sum, s.dropped, s.coactivation.flatten(),
-                              torch.tensor([s.tokens, s.forwards], dtype=torch.float64)])
-            if torch.distributed.get_backend() == "nccl":
+                              torch.tensor([s.tokens, s.forwards], dtype=torch.float64), *tasks])
+            if on_gpu:
                 flat = flat.cuda()
             torch.distributed.all_reduce(flat)
             flat = flat.cpu()
-            e = s.num_experts
             s.counts, s.prob_sum, s.dropped = flat[:e], flat[e:2 * e], flat[2 * e:3 * e]
-            s.coactivation = flat[3 * e:3 * e + e * e].view(e, e)
-            s.tokens, s.forwards = int(flat[-2]), int(flat[-1])
+            end = 3 * e + e * e
+            s.coactivation = flat[3 * e:end].view(e, e)
+            s.tokens, s.forwards = int(flat[end]), int(flat[end + 1])
+            s.task_counts = flat[end + 2:].view(num_tasks, e) if num_tasks else None
         return out

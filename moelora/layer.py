@@ -42,6 +42,7 @@ class MoELoRALinear(nn.Module):
         self._aux_loss: Tensor | None = None
         self._aux_detached = False
         self.last_expert_ids: Tensor | None = None
+        self.last_weights: Tensor | None = None  # [T, k] gate weights of the last forward (dashboard samples)
 
     @property
     def in_features(self) -> int:
@@ -71,13 +72,14 @@ class MoELoRALinear(nn.Module):
 
     def _remember(self, routing, mask: Tensor | None) -> None:
         self._state.tracker.record(self.name, self.bank.num_experts, routing.expert_ids, routing.probs,
-                                   routing.dropped, mask)
+                                   routing.dropped, mask, task_ids=self._state.task_ids)
         self._aux_loss = routing.aux_loss
         # Reentrant checkpointing runs the first forward under no_grad: the aux loss would be a
         # constant and balancing silently off. Remember it so aux_loss() can say so.
         self._aux_detached = routing.aux_loss is not None and not routing.aux_loss.requires_grad \
             and any(p.requires_grad for p in self.router.parameters())
         self.last_expert_ids = routing.expert_ids.detach()
+        self.last_weights = routing.weights.detach()
 
     def pop_aux_loss(self) -> Tensor | None:
         """The aux loss of the last forward (then forgotten, so the graph is not kept alive)."""
