@@ -38,6 +38,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from moelora.config import MoELoRAConfig
+    from moelora.dashboard.callback import RoutingDashboard
     from moelora.lightning import MoELoRAModule, RoutingLogger, RoutingPredictionWriter, TextDataModule
 
     set_parsing_settings(subclasses_enabled=[MoELoRAConfig])
@@ -48,6 +49,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
             parser.link_arguments("model.task", "data.task")
             parser.add_lightning_class_args(RoutingLogger, "routing")
             parser.add_lightning_class_args(RoutingPredictionWriter, "prediction_writer")
+            parser.add_lightning_class_args(RoutingDashboard, "dashboard")  # routing store + HTML report
 
         def after_fit(self) -> None:
             trainer, module = self.trainer, self.model
@@ -66,7 +68,8 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
             print(f"  adapter:         {module.adapter_path}")
             if routing is not None and routing.stats_path is not None:
                 print(f"  routing stats:   {routing.stats_path}")
-            report = getattr(routing, "report_path", None)
+            dashboard = next((c for c in trainer.callbacks if isinstance(c, RoutingDashboard)), None)
+            report = getattr(dashboard, "report_path", None) or getattr(routing, "report_path", None)
             if report:
                 print(f"  routing report:  {report}")
 
