@@ -34,3 +34,11 @@ from .methods.meteora import MeteoRAConfig, from_lora_adapters, select_experts, 
 
 __all__ += ["MeteoRAConfig", "collapse_lora_adapters", "export_lora_adapters", "from_lora_adapters",
             "select_experts", "set_task_ids"]
+
+# FlyLoRA: rank-wise implicit MoE with a frozen sparse random A; task adapters merge by averaging B.
+from .merge import merge_into_base
+from .methods.flylora import FlyLoRAConfig, FlyLoRALinear
+from .methods.flylora_merge import merge_flylora
+from .routers.flylora import FlyLoRARouter
+
+__all__ += ["FlyLoRAConfig", "FlyLoRALinear", "FlyLoRARouter", "merge_flylora", "merge_into_base"]

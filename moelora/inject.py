@@ -140,6 +140,13 @@ def build_adapter(model: nn.Module, config: MoELoRAConfig, *,
                   else [config.lora_scale] * config.num_experts)
         gen = module_generator(config.seed, name)
         device = _module_device(base)
+        make_layer = getattr(config, "make_layer", None)  # methods with their own layer (FlyLoRA)
+        if callable(make_layer):
+            modules[name] = make_layer(base_layer=base, name=name, state=state, in_features=d_in,
+                                       out_features=d_out, ranks=(expert_ranks or {}).get(name),
+                                       scales=(expert_scales or {}).get(name), dtype=dtype,
+                                       device=device, generator=gen)
+            continue
         bank = ExpertBank(in_features=d_in, out_features=d_out, ranks=ranks, scales=scales,
                           init=config.init_lora_weights, dtype=dtype, generator=gen).to(device)
         if not getattr(config, "train_loras", True):  # MeteoRA trains its gates only by default

@@ -35,6 +35,7 @@ from .config import MoELoRAConfig, config_from_dict
 from .io import WEIGHTS_NAME, _atomic_write, read_adapter_meta
 from .layer import wrapped_layers
 from .lora_import import CONFIG_FILE, PEFT_PREFIX, SAFETENSORS_FILE
+from .merge import refuse_static
 from .methods.meteora import expert_names, resolve_expert_weights
 from .state import get_state
 
@@ -116,6 +117,7 @@ class _Source:
 
 def _model_source(model: nn.Module) -> _Source:
     state = get_state(model)
+    refuse_static(state.config, "export a FlyLoRA model as static PEFT LoRA adapters")
     banks = [_Bank(layer.name, tuple(layer.bank.ranks), layer.bank.scale.detach(), layer.bank.A.detach(),
                    layer.bank.Bt.detach(), type(layer.base_layer).__name__ == "Conv1D")
              for layer in wrapped_layers(model)]
@@ -272,6 +274,7 @@ def _saved_source(path: str | os.PathLike) -> _Source:
     directory = Path(path)
     meta = read_adapter_meta(directory)
     config = config_from_dict(meta["config"])
+    refuse_static(config, f"export the FlyLoRA adapter {directory} as static PEFT LoRA adapters")
     modules = meta.get("modules") or {}
     weights_file = directory / WEIGHTS_NAME
     banks = []

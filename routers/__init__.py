@@ -9,3 +9,7 @@ __all__ = ["Router", "Routing", "SiRARouter", "TopKRouter"]
 from .meteora import MeteoRARouter
 
 __all__ += ["MeteoRARouter"]
+
+from .flylora import FlyLoRARouter
+
+__all__ += ["FlyLoRARouter"]

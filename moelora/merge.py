@@ -1,0 +1,76 @@
+"""Folding an adapter into the base weights, where that is exact, and refusing it where it is not.
+
+moelora keeps every adapter as a layer beside the frozen base (design §3.4): a routed delta
+``Σ_j w_j(x) · s_e B_e A_e x`` depends on ``x`` through the routing, so no fixed matrix equals it.
+:func:`merge_into_base` folds only the one case where the delta *is* a fixed matrix (plain
+MoE-LoRA with a single expert, i.e. ordinary LoRA) and refuses everything else with the reason.
+
+FlyLoRA is refused everywhere a static matrix would be made from it: here, and in the PEFT
+exports of :mod:`moelora.lora_export` (a static PEFT LoRA would be folded by PEFT's
+``merge_and_unload``). Both call :func:`refuse_static`. Its task adapters merge with each other
+instead, with :func:`moelora.merge_flylora`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MoELoRAConfig
+from .inject import unwrap
+from .layer import wrapped_layers
+from .state import get_state
+
+
+def refuse_static(config: MoELoRAConfig, action: str) -> None:
+    """Raise when ``config``'s method has an input-dependent delta that ``action`` would make static.
+
+    Methods declare this with a class attribute ``foldable = False`` (FlyLoRA).
+    """
+    if getattr(config, "foldable", True):
+        return
+    raise ValueError(
+        f"cannot {action}: a {type(config).__name__} adapter is not a fixed weight delta. Each token uses "
+        "only its top-k ranks, chosen from A·x, so folding B·A (or exporting it as a plain LoRA) would apply "
+        "all ranks to every token and change the model's outputs. Keep it as an adapter "
+        "(moelora.save_adapter / moelora.load_adapter); to combine FlyLoRA task adapters, average them with "
+        "moelora.merge_flylora([dirs], out_dir=...). The model was not changed.")
+
+
+def merge_into_base(model: nn.Module) -> nn.Module:
+    """Fold the model's adapter into its base weights and remove it, in place; returns the model.
+
+    Exact only when the delta does not depend on the input: a plain :class:`~moelora.MoELoRAConfig`
+    adapter with ``num_experts == 1`` (every token gets weight 1 on its one expert, i.e. LoRA), on
+    ``nn.Linear`` / ``Conv1D`` bases with floating-point weights. ``modules_to_save`` copies replace
+    their originals. Expert-input dropout is a training-time effect and is not part of the fold.
+
+    Raises:
+        ValueError: FlyLoRA (never foldable), any routed adapter (E > 1 or a method with capacity,
+            dropout or gates), or a base layer without a float weight. The model is unchanged then.
+    """
+    state = get_state(model)
+    config = state.config
+    refuse_static(config, "merge a FlyLoRA adapter into the base weights")
+    if type(config) is not MoELoRAConfig or config.num_experts != 1:
+        raise ValueError(
+            f"cannot merge a {type(config).__name__} adapter with num_experts={config.num_experts} into the base "
+            "weights: its routing depends on the input, so no fixed weight equals it. Only a plain "
+            "MoELoRAConfig with num_experts=1 (ordinary LoRA) folds exactly; keep this one as an adapter. "
+            "The model was not changed.")
+    layers = wrapped_layers(model)
+    for layer in layers:  # check everything before changing anything
+        weight = getattr(layer.base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise ValueError(f"cannot merge into {layer.name}: its base layer ({type(layer.base_layer).__name__}) "
+                             "has no floating-point weight (quantized?). The model was not changed.")
+    with torch.no_grad():
+        for layer in layers:
+            weight, bank = layer.base_layer.weight, layer.bank
+            delta = float(bank.scale[0]) * (bank.Bt.double().t() @ bank.A.double())  # [d_out, d_in]
+            conv1d = not isinstance(layer.base_layer, nn.Linear)  # GPT-2 Conv1D stores [d_in, d_out]
+            weight.add_((delta.t() if conv1d else delta).to(weight.dtype))
+        for name in state.saved_modules:
+            saved = model.get_submodule(name)
+            saved.original_module.load_state_dict(saved.trained_module.state_dict())
+    return unwrap(model)
