@@ -136,6 +136,7 @@ def test_report_html_is_self_contained_with_every_view(tmp_path):
     assert not re.search(r"<script[^>]+src=", page) and "<link" not in page, "nothing may load from elsewhere"
     tokens = embedded_json(page, "token-data")
     assert tokens["sets"][0]["texts"][0]["tokens"] == ["[CLS]", "hello", "s", "</script>", "[SEP]"]
+    assert tokens["sets"][0]["texts"][0]["cont"] == [0, 0, 1, 0, 0]  # "##s" joins "hello"
     assert tokens["sets"][0]["texts"][0]["task"] == "compare"
     assert [layer["label"] for layer in tokens["layers"]][:1] == ["l0.q"]
     assert "tiny-from-yaml" in page and "synthetic" in page  # header: config.yaml and the recorded config

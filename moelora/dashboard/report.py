@@ -52,6 +52,7 @@ details pre{background:#f3f4f6;padding:10px;font-size:12px;overflow:auto;max-hei
 .text-row .meta{display:inline-block;min-width:110px;font-size:11px;color:#666}
 .tok{padding:2px 3px;margin:0 1px;border-radius:3px;white-space:pre}
 .tok.none{outline:1px dashed #999;color:#777}
+.tok.cont{margin-left:-2px;padding-left:1px;border-top-left-radius:0;border-bottom-left-radius:0}
 """
 
 # The token view renders from embedded JSON so many layers × samples stay compact.
@@ -79,6 +80,7 @@ _TOKENS_JS = """
       const r = t.routing[layer.name] || {experts: [], weights: []};
       t.tokens.forEach((tok, j) => {
         const span = document.createElement('span'); span.className = 'tok'; span.textContent = tok;
+        if ((t.cont || [])[j]) span.classList.add('cont');  // a word piece continuing the previous token
         const ids = r.experts[j] || [], ws = r.weights[j] || [];
         let best = -1, bw = -1;
         ids.forEach((e, q) => { if (e >= 0 && (ws[q] ?? 0) > bw) { best = e; bw = ws[q] ?? 0; } });
@@ -96,11 +98,12 @@ _TOKENS_JS = """
 """
 
 
-def _display_token(tok: str) -> str:
-    """WordPiece ``##x`` and byte-BPE ``Ġx`` / SentencePiece ``▁x`` markers shown as plain text."""
-    if tok.startswith("##"):
-        return tok[2:]
-    return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\\n")
+def _display_token(tok: str) -> tuple[str, bool]:
+    """A token as shown, and whether it continues the previous word (WordPiece ``##x``); byte-BPE
+    ``Ġx`` / SentencePiece ``▁x`` word-start markers become a space."""
+    if tok.startswith("##") and len(tok) > 2:
+        return tok[2:], True
+    return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\\n"), False
 
 
 def _num_experts(contents: StoreContents, totals, name: str, sets) -> int:
@@ -136,8 +139,9 @@ def token_view_data(contents: StoreContents, names: list[str], labels: dict[str,
             task = t.get("task")
             task_label = (task_names[task] if isinstance(task, int) and 0 <= task < len(task_names)
                           else (f"task {task}" if task is not None else ""))
-            texts.append({"tokens": [_display_token(str(x)) for x in t["tokens"]], "task": task_label,
-                          "label": t.get("label"), "routing": t["routing"]})
+            shown = [_display_token(str(x)) for x in t["tokens"]]
+            texts.append({"tokens": [text for text, _ in shown], "cont": [int(c) for _, c in shown],
+                          "task": task_label, "label": t.get("label"), "routing": t["routing"]})
         out_sets.append({"label": f"{s['stage']} · step {s['step']}", "texts": texts})
     return {"sets": out_sets, "layers": layers, "colors": colors}
 
