@@ -157,3 +157,53 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert errors == [], f"console errors: {errors}"
     assert remote == [], f"the report reached for the network: {remote}"
     assert shot.stat().st_size > 50_000
+
+
+DDP_SCRIPT = '''
+import sys, lightning as L, moelora
+from torch.utils.data import DataLoader
+from moelora.dashboard import RoutingDashboard
+from moelora.lightning import MoELoRAModule, TextDataModule
+
+world, out = int(sys.argv[1]), sys.argv[2]
+
+class Data(TextDataModule):
+    # Global batch g holds examples 4g..4g+3; with 2 ranks each takes its contiguous half.
+    def train_dataloader(self):
+        rank, per = self.trainer.global_rank, 4 // world
+        order = [4 * g + rank * per + i for g in range(3) for i in range(per)]
+        return DataLoader(self.train_set.select(order), batch_size=per, collate_fn=self.collate)
+
+if __name__ == "__main__":  # ddp_spawn children import this file again
+    L.seed_everything(0)
+    method = moelora.MoELoRAConfig(target_modules=["query", "value"], num_experts=4, top_k=2, rank=2, seed=0,
+                                   aux_loss_coef=0.0, router_init_std=1.0)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=world, strategy="ddp_spawn" if world > 1 else "auto",
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        default_root_dir=out, callbacks=[RoutingDashboard(every_n_steps=1, report=world == 2)])
+    trainer.fit(MoELoRAModule(method, backbone_dropout=False), Data(suite_train_per_task=2, batch_size=4))
+'''
+
+
+@pytest.mark.slow
+def test_ddp_store_equals_single_process(tmp_path):
+    # Two gloo ranks each see half of every global batch: rank 0 must store the summed windows,
+    # per-task counts included, exactly as one process over the whole batch does.
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    stores = {}
+    for world in (1, 2):
+        subprocess.run([sys.executable, str(script), str(world), str(tmp_path / f"w{world}")], check=True,
+                       capture_output=True, text=True, timeout=280)
+        stores[world] = read_store(tmp_path / f"w{world}")
+    one, two = stores[1], stores[2]
+    assert [w.step for w in one.windows] == [w.step for w in two.windows] == [1, 2, 3]
+    for a, b in zip(one.windows, two.windows):
+        for name in a.layers:
+            assert torch.equal(a.layers[name].counts, b.layers[name].counts), name
+            assert torch.equal(a.layers[name].task_counts, b.layers[name].task_counts), name
+    assert (tmp_path / "w2" / "routing_report.html").is_file()
