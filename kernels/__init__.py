@@ -11,10 +11,19 @@ Public ops (one ``autograd.Function`` each, ``backend="auto" | "torch" | "triton
 use of the Triton backend), so this package works without triton.
 """
 
-from . import reference
-from .grouped import RoutingPlan, build_routing_plan, grouped_lora
-from .ops import BACKENDS, DENSE_MAX_RANK, gated_lora, resolve_backend, triton_available
-from .rankwise import rankwise_lora
+if __name__ == "moelora.kernels":
+    from . import reference
+    from .grouped import RoutingPlan, build_routing_plan, grouped_lora
+    from .ops import BACKENDS, DENSE_MAX_RANK, gated_lora, resolve_backend, triton_available
+    from .rankwise import rankwise_lora
 
-__all__ = ["BACKENDS", "DENSE_MAX_RANK", "RoutingPlan", "build_routing_plan", "gated_lora", "grouped_lora",
-           "rankwise_lora", "reference", "resolve_backend", "triton_available"]
+    __all__ = ["BACKENDS", "DENSE_MAX_RANK", "RoutingPlan", "build_routing_plan", "gated_lora", "grouped_lora",
+               "rankwise_lora", "reference", "resolve_backend", "triton_available"]
+else:
+    # Imported as a top-level ``kernels``: the repository root is on sys.path (``python -m pytest``
+    # from the root) and transformers probes for Hugging Face's ``kernels`` package by importing
+    # that name. Executing the submodules a second time would register the ``moelora::`` custom
+    # ops again and leave the first registrations dangling (intermittent crashes in the
+    # dispatcher), so this copy stays an empty shell. transformers then sees no version and
+    # treats HF ``kernels`` as absent, which is true.
+    __all__ = []

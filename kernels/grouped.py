@@ -50,9 +50,13 @@ class RoutingPlan:
         return self.block_offsets.numel() - 1
 
 
-def default_block_m() -> int:
-    """Rows per grouped block: 16 (the ``tl.dot`` minimum) is enough for small T; a GPU may want 64."""
-    return 16
+def default_block_m(num_slots: int, num_experts: int) -> int:
+    """Rows per grouped block: the mean slots per expert rounded up to a power of two, within
+    [16, 64]. Each expert's run is padded to a whole block, so a block far larger than an expert's
+    share wastes rows; 16 is the ``tl.dot`` minimum and 64 the tile research/kernels.md suggests
+    (not tuned on a GPU here). Only host-known sizes are used: no device sync."""
+    mean = -(-num_slots // max(num_experts, 1))
+    return min(64, max(16, 1 << max(mean - 1, 0).bit_length()))
 
 
 def build_routing_plan(expert_ids: Tensor, num_experts: int, block_m: int | None = None) -> RoutingPlan:
@@ -66,11 +70,11 @@ def build_routing_plan(expert_ids: Tensor, num_experts: int, block_m: int | None
     Returns:
         A :class:`RoutingPlan` on ``expert_ids.device``.
     """
-    block_m = default_block_m() if block_m is None else int(block_m)
-    if block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m={block_m} is invalid: expected a power of two >= 16 (tl.dot needs 16).")
     if expert_ids.dim() != 2:
         raise ValueError(f"expert_ids must be [T, k], got shape {tuple(expert_ids.shape)}")
+    block_m = default_block_m(expert_ids.numel(), num_experts) if block_m is None else int(block_m)
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m={block_m} is invalid: expected a power of two >= 16 (tl.dot needs 16).")
     dev, E = expert_ids.device, num_experts
     T, k = expert_ids.shape
     n = T * k
@@ -210,7 +214,13 @@ def grouped_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: 
         raise ValueError(f"grouped_lora: scale must be [E] = [{E}], got {tuple(scale.shape)}")
     impl = resolve_backend(backend, x.device, x.dtype)
     if plan is None:
-        plan = build_routing_plan(expert_ids, E)
+        if impl == "torch":
+            # The torch twin sorts by itself; an empty plan saves the argsort it would not read.
+            # (Distinct tensors: Dynamo cannot trace one tensor passed twice to Function.apply.)
+            empty = [torch.empty(0, dtype=torch.int32, device=x.device) for _ in range(4)]
+            plan = RoutingPlan(*empty, num_slots=expert_ids.numel(), top_k=expert_ids.shape[1], block_m=16)
+        else:
+            plan = build_routing_plan(expert_ids, E)
     elif plan.num_slots != expert_ids.numel() or plan.num_experts != E or plan.top_k != expert_ids.shape[1]:
         raise ValueError(f"grouped_lora: plan was built for {plan.num_slots} slots, k={plan.top_k}, "
                          f"E={plan.num_experts}; the routing has {expert_ids.numel()} slots, "

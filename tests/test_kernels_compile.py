@@ -61,17 +61,18 @@ def test_custom_ops_pass_opcheck():
     h = ops.shrink(x, A)
     plan = K.build_routing_plan(ids, 4)
     roff = torch.tensor([0, 4, 4, 7, 12], dtype=torch.int32, device=DEVICE)
-    hs, _ = ops.grouped_shrink(x, A, roff, plan.sorted_slot_ids, plan.block_expert, 2, 5, 16, None, None)
+    bm = plan.block_m
+    hs, _ = ops.grouped_shrink(x, A, roff, plan.sorted_slot_ids, plan.block_expert, 2, 5, bm, None, None)
     calls = [
         (ops.shrink, (x, A)),
         (ops.gate_expand, (h, Bt, ids, w, ce, cs, torch.float32)),
         (ops.topk_expand, (h, Bt, 3, torch.randn(12, device=DEVICE), True, 0.5, torch.float32)),
         (ops.xty, (h, dy, ids, w, ce, cs, torch.float32)),
         (ops.gate_grad, (h, h, ids, ce, cs)),
-        (ops.grouped_shrink, (dy, Bt, roff, plan.sorted_slot_ids, plan.block_expert, 2, 5, 16, hs, scale)),
-        (ops.grouped_expand, (hs, Bt, roff, plan.sorted_slot_ids, plan.block_expert, w, scale, 9, 2, 16,
+        (ops.grouped_shrink, (dy, Bt, roff, plan.sorted_slot_ids, plan.block_expert, 2, 5, bm, hs, scale)),
+        (ops.grouped_expand, (hs, Bt, roff, plan.sorted_slot_ids, plan.block_expert, w, scale, 9, 2, bm,
                               torch.float32, False)),
-        (ops.grouped_xty, (hs, dy, roff, plan.sorted_slot_ids, plan.block_offsets, w, scale, 12, 2, 16,
+        (ops.grouped_xty, (hs, dy, roff, plan.sorted_slot_ids, plan.block_offsets, w, scale, 12, 2, bm,
                            torch.float32)),
     ]
     for op, args in calls:

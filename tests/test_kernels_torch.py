@@ -235,3 +235,22 @@ def test_bad_inputs_name_the_problem():
     plan = K.build_routing_plan(ids[:4], 2)
     with pytest.raises(ValueError, match="Rebuild"):
         K.grouped_lora(x, A, Bt, ids, w, [2, 2], scale, plan=plan)
+
+
+def test_top_level_kernels_import_is_an_inert_shell():
+    """With the repo root on sys.path, transformers imports ``kernels`` while probing for Hugging
+    Face's package of that name. That copy must not register the moelora custom ops a second time
+    (which left the first registrations dangling and crashed later calls)."""
+    code = ("import sys; sys.path.insert(0, '.')\n"
+            "import moelora.kernels, torch\n"
+            "import kernels\n"
+            "assert kernels.__all__ == [] and 'kernels.grouped' not in sys.modules, sorted(sys.modules)\n"
+            "from moelora.kernels import grouped_lora\n"
+            "for _ in range(20):\n"
+            "    x = torch.randn(5, 3, requires_grad=True)\n"
+            "    grouped_lora(x, torch.randn(4, 3), torch.randn(4, 2), torch.zeros(5, 1, dtype=torch.long),\n"
+            "                 torch.ones(5, 1), [4], torch.ones(1), backend='torch').sum().backward()\n"
+            "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
