@@ -36,10 +36,13 @@ BACKENDS = ("auto", "torch", "triton")
 #:   (same time as the sparse path) up to R ≈ 256–384; the 64×R_pad fp32 accumulator also fits in
 #:   registers only up to R_pad = 256. Re-tune on the device with ``benchmarks/kernels.py``.
 #: * ``"torch"`` = 96, compared with ``R``: measured on this project's CPU machine (fp32, 1 thread,
-#:   T ∈ {256, 2048}, d = 1024, k = 2, r = 16; benchmarks/results/kernels_cpu_sweep.md). The dense
-#:   twin won forward+backward at R ≤ 64 (1.3–2.5×) and the sorted-segment twin won from R = 128
-#:   on (1.06–1.3× at 128, 3–18× at 512–4096); 96 sits between the two measured points. A CPU is
+#:   T ∈ {256, 2048}, d = 1024, k = 2, r = 16; benchmarks/results/kernels_cpu_sweep_t1.md). The dense
+#:   twin won forward+backward at R ≤ 64 (1.3–1.9×) and the sorted-segment twin won from R = 128
+#:   on (1.2× at 128, 1.9–20× at 256–4096); 96 sits between the two measured points. A CPU is
 #:   compute-bound at these ranks, so the dense formulation's R/(k·r) extra FLOPs cost time there.
+#:   Caveat: the machine was shared (load 3–4 on 2 cores), hence 1 thread; a 2-thread run was too
+#:   noisy to use. With more threads the dense GEMMs scale better than the segment loop's small
+#:   ops, so the crossover likely moves up: re-measure on the target machine.
 DENSE_MAX_RANK = {"triton": 256, "torch": 96}
 
 _TRITON_FOUND: bool | None = None

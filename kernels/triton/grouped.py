@@ -91,8 +91,10 @@ def _grouped_expand_kernel(hs_ptr, w_ptr, out_ptr, slot_ptr, bexp_ptr, roff_ptr,
                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc = _mm(hb * gate[:, None], wt, acc, UPCAST, IEEE)
-        row = slots if PER_SLOT else tok
-        offs = row[:, None].to(tl.int64) * stride_o + rn[None, :]
+        if PER_SLOT:
+            offs = slots[:, None].to(tl.int64) * stride_o + rn[None, :]
+        else:
+            offs = tok[:, None].to(tl.int64) * stride_o + rn[None, :]
         m = ok[:, None] & n_ok[None, :]
         if ATOMIC:
             tl.atomic_add(out_ptr + offs, acc, mask=m)
