@@ -213,3 +213,21 @@ def test_gpu_large_shapes(dt):
         got = run_with_grads(fn, (x, A, Bt, w), dy)
         for a, b in zip(got, want):
             assert rel(a, b) < TOL[dtype]
+
+
+def test_gated_lora_takes_the_triton_grouped_path_above_threshold(monkeypatch):
+    from moelora.kernels import grouped as grouped_mod
+    from moelora.kernels import ops as ops_mod
+
+    ranks = [4, 0, 8, 5, 3]
+    x, A, Bt, ids, w, col_expert, col_scale, scale, dy = _gated_case(37, 100, 72, ranks, 2, "random", torch.float32)
+    fn = (lambda x, A, Bt, w: K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale, num_experts=5, backend="triton"))
+    dense = run_with_grads(fn, (x, A, Bt, w), dy)
+    calls = []
+    real = grouped_mod.grouped_lora
+    monkeypatch.setattr(grouped_mod, "grouped_lora", lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw))
+    monkeypatch.setitem(ops_mod.DENSE_MAX_RANK, "triton", 16)   # R_pad = 32 > 16
+    grouped = run_with_grads(fn, (x, A, Bt, w), dy)
+    assert calls == ["triton"]
+    for name, a, b in zip(("y", "dx", "dA", "dBt", "dw"), grouped, dense):
+        assert rel(a, b) < 1e-5, name
