@@ -35,9 +35,14 @@ from pathlib import Path
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    # The interpreter must be chosen before triton is imported (only the smoke check uses it).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _choose_interpreter() -> None:
+    """On CPU, run Triton under its interpreter (only the smoke check uses it). Called from
+    ``__main__`` only, never at import: transformers may import a top-level ``kernels`` module
+    while probing for Hugging Face's package, and from this directory that is this file."""
+    if not CUDA:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moelora import kernels as K  # noqa: E402
@@ -375,4 +380,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    _choose_interpreter()
     main()

@@ -65,7 +65,8 @@ class MoELoRALinear(nn.Module):
         routing = self.router(flat, token_mask=mask)
         delta = gated_lora(self.dropout(flat.to(self.bank.A.dtype)), self.bank.A, self.bank.Bt,
                            routing.expert_ids, routing.weights, self.bank.col_expert, self.bank.col_scale(),
-                           num_experts=self.bank.num_experts, backend=self.backend)
+                           num_experts=self.bank.num_experts, backend=self.backend,
+                           ranks=self.bank.ranks)
         if not recompute:
             self._remember(routing, mask)
         return out + delta.view(*lead, -1).to(out.dtype)
