@@ -62,6 +62,12 @@ class MoELoRALinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         recompute = recomputing()
         mask = state.mask_for(flat.shape[0], recomputing=recompute)
+        delta = self._expert_delta(flat, mask, recompute)
+        return out + delta.view(*lead, -1).to(out.dtype)
+
+    def _expert_delta(self, flat: Tensor, mask: Tensor | None, recompute: bool) -> Tensor:
+        """The routed expert output ``[T, d_out]`` for tokens ``flat [T, d_in]`` (the part a
+        method overrides); records routing unless this is a checkpoint recomputation."""
         routing = self.router(flat, token_mask=mask)
         delta = gated_lora(self.dropout(flat.to(self.bank.A.dtype)), self.bank.A, self.bank.Bt,
                            routing.expert_ids, routing.weights, self.bank.col_expert, self.bank.col_scale(),
@@ -69,7 +75,7 @@ class MoELoRALinear(nn.Module):
                            ranks=self.bank.ranks)
         if not recompute:
             self._remember(routing, mask)
-        return out + delta.view(*lead, -1).to(out.dtype)
+        return delta
 
     def _remember(self, routing, mask: Tensor | None) -> None:
         self._state.tracker.record(self.name, self.bank.num_experts, routing.expert_ids, routing.probs,

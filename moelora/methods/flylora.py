@@ -42,7 +42,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from moelora.balance import recomputing
 from moelora.config import MoELoRAConfig, _fail, _is_number, register_config
 from moelora.experts import ExpertBank
 from moelora.kernels import rankwise_lora
@@ -230,16 +229,9 @@ class FlyLoRALinear(MoELoRALinear):
         # A host copy of the scale: reading the bank's buffer every forward would sync the GPU.
         self.scale_value = float(bank.scale[0])
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """``x [..., d_in]`` → ``[..., d_out]`` = base(x) + (α/r) · B (h ⊙ mask), ``h = A x``."""
-        out = self.base_layer(x, *args, **kwargs)
-        state = self._state
-        if not state.enabled:
-            return out
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, x.shape[-1])
-        recompute = recomputing()
-        mask = state.mask_for(flat.shape[0], recomputing=recompute)
+    def _expert_delta(self, flat: Tensor, mask: Tensor | None, recompute: bool) -> Tensor:
+        """``(α/r) · B (h ⊙ mask)`` with ``h = A x`` for ``flat [T, d_in]``; the chosen ranks are
+        recorded and the balancing bias updated after training forwards, never in recompute."""
         router = self.router
         delta, idx = rankwise_lora(self.dropout(flat.to(self.bank.A.dtype)), self.bank.A, self.bank.Bt,
                                    router.top_k, bias=router.routing_bias(recompute), score=router.score,
@@ -248,7 +240,7 @@ class FlyLoRALinear(MoELoRALinear):
             self._remember(router.routing(idx), mask)
             if self.training:
                 router.update(idx, mask)
-        return out + delta.view(*lead, -1).to(out.dtype)
+        return delta
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, backend={self.backend!r}, grad_x={self.grad_x}"
