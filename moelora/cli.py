@@ -4,6 +4,7 @@
     moelora fit -c configs/sira.yaml --print_config
     moelora import-lora ... / export-lora ...   # MeteoRA fusion and PEFT export
     moelora report LOG_DIR                      # routing report (when the dashboard is installed)
+    moelora suite-loras -o loras                # one PEFT LoRA per suite task (configs/meteora.yaml)
 
 Method configs are chosen in YAML by ``class_path`` (``moelora.MoELoRAConfig``,
 ``moelora.SiRAConfig``, ...); a bad value fails with the field named.
@@ -19,6 +20,7 @@ EXTRA_COMMANDS = {
     "import-lora": "moelora.lora_cli:import_lora_main",
     "export-lora": "moelora.lora_cli:export_lora_main",
     "report": "moelora.dashboard.cli:report_main",
+    "suite-loras": "moelora.suite_loras:suite_loras_main",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .balance import LoadTracker
@@ -29,8 +30,9 @@ class AdapterState:
         saved_modules: names of the ``modules_to_save`` wrappers.
         requires_grad: each original parameter's ``requires_grad`` before injection (for unwrap).
         handles: forward-hook handles to remove on unwrap.
-        task_ids: ``[T]`` int64 per-token task ids of the current forward (``-1`` = none), set by
-            :func:`moelora.set_task_ids`; MeteoRA gates supervise on them, statistics may group by them.
+        task_ids: int64 task ids of the current forward, one per token, shaped as given to
+            :func:`moelora.set_task_ids` (``[batch, seq]`` or ``[T]``; negative = none); MeteoRA
+            gates supervise on them, statistics group by them. Read them with :meth:`task_ids_for`.
     """
 
     config: MoELoRAConfig
@@ -49,6 +51,26 @@ class AdapterState:
         recomputed) if it describes ``num_tokens`` tokens, else ``None``."""
         m = self.last_token_mask if recomputing and self.token_mask is None else self.token_mask
         return m if m is not None and m.numel() == num_tokens else None
+
+    def task_ids_for(self, num_tokens: int) -> Tensor | None:
+        """``[num_tokens]`` task ids for a wrapped linear that sees ``num_tokens`` rows, or ``None``.
+
+        A layer on the token stream gets the per-token ids. A layer that sees one row per sequence
+        (BERT's pooler, a head on the pooled vector) gets each sequence's id, when the ids were
+        given as ``[batch, seq]`` and every sequence holds a single non-negative id (negative
+        entries, e.g. padding, are ignored). Anything else gets ``None``.
+        """
+        ids = self.task_ids
+        if ids is None:
+            return None
+        if ids.numel() == num_tokens:
+            return ids.reshape(-1)
+        if ids.dim() == 2 and ids.shape[0] == num_tokens:
+            top = ids.max(dim=1).values  # the sequence's id, if it has one; -1 when none
+            low = ids.masked_fill(ids < 0, torch.iinfo(ids.dtype).max).min(dim=1).values
+            if bool(((low == top) | (top < 0)).all()):
+                return top
+        return None
 
 
 def get_state(model: nn.Module) -> AdapterState:

@@ -103,12 +103,14 @@ class MeteoRARouter(nn.Module):
         task_ids = None if state is None else getattr(state, "task_ids", None)
         if not self.training or self.gate_loss_coef == 0 or task_ids is None:
             return None
-        if task_ids.numel() != logits.shape[0]:
+        target = state.task_ids_for(logits.shape[0])
+        if target is None:
             raise ValueError(
-                f"moelora task_ids hold {task_ids.numel()} ids but this forward has {logits.shape[0]} tokens "
-                "per wrapped linear: pass one id per token of input_ids (shape [batch, seq]) to "
-                "moelora.set_task_ids right before the forward.")
-        target = task_ids.to(logits.device).view(-1)
+                f"moelora task_ids hold {task_ids.numel()} ids (shape {list(task_ids.shape)}) but this gate sees "
+                f"{logits.shape[0]} rows: pass one id per token of input_ids (shape [batch, seq]) to "
+                "moelora.set_task_ids right before the forward (a per-sequence layer such as a pooler needs "
+                "one id per sequence).")
+        target = target.to(logits.device)
         valid = target >= 0
         if token_mask is not None:
             valid = valid & token_mask

@@ -16,12 +16,28 @@ FAST = ["--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.val
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"demo.yaml", "moelora.yaml", "sira.yaml"} <= names
+    assert {"demo.yaml", "moelora.yaml", "sira.yaml", "flylora.yaml", "meteora.yaml"} <= names
+
+
+@pytest.fixture(scope="session")
+def suite_loras(tmp_path_factory):
+    """configs/meteora.yaml fuses loras/<task> PEFT adapters: make tiny ones once (1 step each)."""
+    from moelora.suite_loras import make_suite_loras
+
+    out = tmp_path_factory.mktemp("suite") / "loras"
+    make_suite_loras(out, steps=1, examples=2, batch_size=2)
+    return out
+
+
+def _in_run_dir(config, tmp_path, monkeypatch, request):
+    monkeypatch.chdir(tmp_path)
+    if config.name == "meteora.yaml":
+        (tmp_path / "loras").symlink_to(request.getfixturevalue("suite_loras"), target_is_directory=True)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch, request):
+    _in_run_dir(config, tmp_path, monkeypatch, request)
     cli = build_cli(["-c", str(config), "--trainer.logger=false"], run=False)
     method = cli.model.method
     declared = yaml.safe_load(config.read_text())["model"]["method"]
@@ -31,8 +47,8 @@ def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_fits_a_few_steps(config, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def test_every_config_fits_a_few_steps(config, tmp_path, monkeypatch, capsys, request):
+    _in_run_dir(config, tmp_path, monkeypatch, request)
     main(["fit", "-c", str(config), *FAST])
     out = capsys.readouterr().out
     assert "moelora fit finished" in out

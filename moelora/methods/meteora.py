@@ -317,7 +317,8 @@ def set_task_ids(model: nn.Module, task_ids: Tensor | None) -> None:
     In training mode, with ``gate_loss_coef > 0``, every MeteoRA gate then adds its share of
     ``gate_loss_coef · CE(logits of all gates, task ids)`` to :func:`moelora.aux_loss`; tokens
     with a negative id or masked out by ``attention_mask`` are not supervised. No shift is applied
-    (the gate at token t is supervised by ``task_ids[t]``). The ids are also kept on
+    (the gate at token t is supervised by ``task_ids[t]``). A gate on a per-sequence layer (BERT's
+    pooler) is supervised by each sequence's id when every sequence holds one id. The ids are also kept on
     ``model._moelora_state.task_ids`` for per-task routing statistics, for any method.
 
     Args:
@@ -340,7 +341,7 @@ def set_task_ids(model: nn.Module, task_ids: Tensor | None) -> None:
             or task_ids.dtype == torch.bool:
         raise TypeError(f"task_ids must be an integer tensor [batch, seq] (one id per token), got "
                         f"{getattr(task_ids, 'dtype', type(task_ids).__name__)}")
-    ids = task_ids.detach().reshape(-1).to(torch.long).clone()  # a fresh object: see _TaskIdConsumer
+    ids = task_ids.detach().to(torch.long).clone()  # a fresh object: see _TaskIdConsumer
     routers = meteora_routers(model)
     if routers and ids.numel() and int(ids.max()) >= routers[0].num_experts:
         raise ValueError(f"task_ids holds id {int(ids.max())} but the model fuses {routers[0].num_experts} "
