@@ -42,3 +42,12 @@ from .methods.flylora_merge import merge_flylora
 from .routers.flylora import FlyLoRARouter
 
 __all__ += ["FlyLoRAConfig", "FlyLoRALinear", "FlyLoRARouter", "merge_flylora", "merge_into_base"]
+
+# MoA: heterogeneous Mixture of Adapters (soft and sparse) with a sigmoid router per block.
+from .methods.moa import MoAConfig, moa_stats
+from .methods.moa_block import MoABlock
+from .methods.moa_experts import MoALoRALinear, ParallelAdapter, PromptExpert
+from .routers.moa import MoAGates, MoARouter
+
+__all__ += ["MoABlock", "MoAConfig", "MoAGates", "MoALoRALinear", "MoARouter", "ParallelAdapter", "PromptExpert",
+            "moa_stats"]

@@ -103,6 +103,10 @@ class AdapterPlan:
 
     def __init__(self, state: AdapterState, modules: dict[str, nn.Module]) -> None:
         self.state, self.modules = state, modules
+        # Callables ``install(model) -> [hook handles]`` that attach_adapter runs once the modules
+        # are in place (methods whose experts sit between modules, such as MoA's per-block
+        # router); their handles are removed by unwrap.
+        self.hooks: list = []
 
     def adapter_tensors(self) -> dict[str, Tensor]:
         """Model-level state-dict keys and tensors of everything the adapter saves."""
@@ -125,6 +129,9 @@ def build_adapter(model: nn.Module, config: MoELoRAConfig, *,
     if getattr(model, STATE_ATTR, None) is not None or wrapped_layers(model):
         raise ValueError("this model already holds a moelora adapter; call moelora.unwrap(model) before "
                          "injecting again.")
+    build_plan = getattr(config, "build_plan", None)  # methods spanning more than one linear (MoA blocks)
+    if callable(build_plan):
+        return build_plan(model, expert_ranks=expert_ranks, expert_scales=expert_scales)
     saved = _find_saved_modules(model, config.modules_to_save)
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=set(saved))
     state = AdapterState(config=config, wrapped=list(targets), saved_modules=list(saved))
@@ -173,6 +180,8 @@ def attach_adapter(model: nn.Module, plan: AdapterPlan) -> None:
         model.register_forward_pre_hook(_CaptureMask(state), with_kwargs=True),
         model.register_forward_hook(_ReleaseMask(state), always_call=True),
     ]
+    for install in getattr(plan, "hooks", ()):
+        state.handles.extend(install(model))
 
 
 class _CaptureMask:
@@ -207,7 +216,11 @@ def unwrap(model: nn.Module) -> nn.Module:
         setattr(parent, child, getattr(parent, child).base_layer)
     for name in state.saved_modules:
         parent, child = _parent(model, name)
-        setattr(parent, child, getattr(parent, child).original_module)
+        original = getattr(parent, child).original_module
+        if original is None:  # a module the adapter added (MoA's per-block holder), not a wrapper
+            delattr(parent, child)
+        else:
+            setattr(parent, child, original)
     for handle in state.handles:
         handle.remove()
     for pname, param in model.named_parameters():

@@ -3,3 +3,7 @@
 from .sira import SiRAConfig
 
 __all__ = ["SiRAConfig"]
+
+from .moa import MoAConfig  # noqa: E402  (imports moelora.inject, which needs the package above)
+
+__all__ += ["MoAConfig"]
