@@ -202,3 +202,17 @@ def test_pickles_and_deepcopies(token_ids):
     perturb(twin, seed=1)  # the copy's hooks drive the copy's experts, not the original's
     with torch.no_grad():
         assert not torch.equal(twin(token_ids).logits, model(token_ids).logits)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_incremental_decoding_with_kv_cache_matches_full_forward(build):
+    """The prompt expert and the per-token routing see only the new token under a KV cache."""
+    model = moelora.inject(build(), moelora.MoAConfig(prompt_expert=True, variant="sparse", max_threshold=1.0))
+    perturb(model)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        past = model(ids[:, :8], use_cache=True).past_key_values
+        step = model(ids[:, 8:], past_key_values=past, use_cache=True).logits
+    torch.testing.assert_close(step[:, 0], full[:, 8], atol=1e-5, rtol=1e-5)
+    assert (full - build()(ids).logits).abs().max() > 1e-3  # the prompt expert is doing something

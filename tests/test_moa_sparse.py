@@ -194,7 +194,7 @@ def test_apply_threshold_unknown_mode_errors():
 
 @pytest.mark.parametrize("variant", ["soft", "sparse"])
 def test_checkpointing_gives_same_grads_and_counts_once(variant, token_ids):
-    plain = sparse_llama(variant=variant, max_threshold=1.0).train()
+    plain = sparse_llama(variant=variant, max_threshold=1.0, prompt_expert=True).train()
     ckpt = copy.deepcopy(plain)
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mask = torch.ones_like(token_ids)
