@@ -216,3 +216,19 @@ def test_incremental_decoding_with_kv_cache_matches_full_forward(build):
         step = model(ids[:, 8:], past_key_values=past, use_cache=True).logits
     torch.testing.assert_close(step[:, 0], full[:, 8], atol=1e-5, rtol=1e-5)
     assert (full - build()(ids).logits).abs().max() > 1e-3  # the prompt expert is doing something
+
+
+def test_lightning_module_checkpoints_and_optimises_moa_weights():
+    from moelora.lightning.module import MoELoRAModule
+
+    cfg = moelora.MoAConfig(variant="sparse", threshold_grad="adamole", modules_to_save=["classifier"])
+    module = MoELoRAModule(cfg)
+    keys = module.adapter_keys()
+    assert "model.bert.encoder.layer.0.moa.router.w1.weight" in keys
+    assert "model.bert.encoder.layer.0.moa.router.threshold.weight" in keys
+    assert "model.bert.encoder.layer.5.moa.adapter.up.weight" in keys
+    assert "model.bert.encoder.layer.5.output.dense.bank.Bt" in keys
+    assert set(module.state_dict()) == set(keys)
+    groups = {g["name"]: g["params"] for g in module.configure_optimizers().param_groups}
+    router_ids = {id(p) for n, p in module.named_parameters() if ".moa.router." in n}
+    assert {id(p) for p in groups["routers"]} == router_ids  # no weight decay on the routers
