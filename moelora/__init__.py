@@ -51,3 +51,10 @@ from .routers.moa import MoAGates, MoARouter
 
 __all__ += ["MoABlock", "MoAConfig", "MoAGates", "MoALoRALinear", "MoARouter", "ParallelAdapter", "PromptExpert",
             "moa_stats"]
+
+# WeightLoRA / WeightLoRA+: a trainable weight per head (or expert), kept K-sparse, then pruned.
+from .methods import weightlora
+from .methods.weightlora import WeightLoRAController, add_gates
+from .methods.weightlora_config import WeightLoRAConfig
+
+__all__ += ["WeightLoRAConfig", "WeightLoRAController", "add_gates", "weightlora"]

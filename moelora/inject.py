@@ -135,35 +135,51 @@ def build_adapter(model: nn.Module, config: MoELoRAConfig, *,
     saved = _find_saved_modules(model, config.modules_to_save)
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=set(saved))
     state = AdapterState(config=config, wrapped=list(targets), saved_modules=list(saved))
-    dtype = getattr(torch, config.adapter_dtype)
     modules: dict[str, nn.Module] = {}
     for name in targets:
-        base = model.get_submodule(name)
-        d_in, d_out = linear_features(base)
-        ranks = list(expert_ranks[name]) if expert_ranks and name in expert_ranks else [config.rank] * config.num_experts
-        if len(ranks) != config.num_experts:
-            raise ValueError(f"{name}: got {len(ranks)} expert ranks for num_experts={config.num_experts}")
-        scales = (list(expert_scales[name]) if expert_scales and name in expert_scales
-                  else [config.lora_scale] * config.num_experts)
-        gen = module_generator(config.seed, name)
-        device = _module_device(base)
-        make_layer = getattr(config, "make_layer", None)  # methods with their own layer (FlyLoRA)
-        if callable(make_layer):
-            modules[name] = make_layer(base_layer=base, name=name, state=state, in_features=d_in,
-                                       out_features=d_out, ranks=(expert_ranks or {}).get(name),
-                                       scales=(expert_scales or {}).get(name), dtype=dtype,
-                                       device=device, generator=gen)
-            continue
-        bank = ExpertBank(in_features=d_in, out_features=d_out, ranks=ranks, scales=scales,
-                          init=config.init_lora_weights, dtype=dtype, generator=gen).to(device)
-        if not getattr(config, "train_loras", True):  # MeteoRA trains its gates only by default
-            bank.requires_grad_(False)
-        router = config.make_router(in_features=d_in, generator=gen).to(device)
-        modules[name] = MoELoRALinear(base_layer=base, bank=bank, router=router, name=name, state=state,
-                                      dropout=config.dropout, backend=config.backend)
+        modules[name] = build_layer(config, base_layer=model.get_submodule(name), name=name, state=state,
+                                    ranks=(expert_ranks or {}).get(name), scales=(expert_scales or {}).get(name),
+                                    generator=module_generator(config.seed, name))
     for name in saved:
         modules[name] = SavedModule(model.get_submodule(name))
     return AdapterPlan(state, modules)
+
+
+def build_layer(config: MoELoRAConfig, *, base_layer: nn.Module, name: str, state: AdapterState,
+                ranks: Sequence[int] | None = None, scales: Sequence[float] | None = None,
+                generator: torch.Generator | None = None) -> nn.Module:
+    """The wrapped layer ``config`` builds around ``base_layer`` (module ``name``), not yet placed.
+
+    A config with a ``make_layer`` hook (FlyLoRA, WeightLoRA) builds it itself and checks
+    ``ranks`` / ``scales`` itself; otherwise an :class:`ExpertBank` plus ``config.make_router``
+    in a :class:`MoELoRALinear`. Methods that wrap another method's layers call this with that
+    method's config.
+
+    Args:
+        ranks: per-expert ranks (a saved adapter's on load), default ``[config.rank] * num_experts``.
+        scales: per-expert output scales, default ``config.lora_scale`` for every expert.
+        generator: RNG for the init (``inject`` seeds it from ``(config.seed, name)``).
+    """
+    d_in, d_out = linear_features(base_layer)
+    dtype = getattr(torch, config.adapter_dtype)
+    device = _module_device(base_layer)
+    make_layer = getattr(config, "make_layer", None)  # methods with their own layer (FlyLoRA)
+    if callable(make_layer):
+        return make_layer(base_layer=base_layer, name=name, state=state, in_features=d_in, out_features=d_out,
+                          ranks=None if ranks is None else list(ranks),
+                          scales=None if scales is None else list(scales), dtype=dtype, device=device,
+                          generator=generator)
+    ranks = list(ranks) if ranks is not None else [config.rank] * config.num_experts
+    if len(ranks) != config.num_experts:
+        raise ValueError(f"{name}: got {len(ranks)} expert ranks for num_experts={config.num_experts}")
+    scales = list(scales) if scales is not None else [config.lora_scale] * config.num_experts
+    bank = ExpertBank(in_features=d_in, out_features=d_out, ranks=ranks, scales=scales,
+                      init=config.init_lora_weights, dtype=dtype, generator=generator).to(device)
+    if not getattr(config, "train_loras", True):  # MeteoRA trains its gates only by default
+        bank.requires_grad_(False)
+    router = config.make_router(in_features=d_in, generator=generator).to(device)
+    return MoELoRALinear(base_layer=base_layer, bank=bank, router=router, name=name, state=state,
+                         dropout=config.dropout, backend=config.backend)
 
 
 def attach_adapter(model: nn.Module, plan: AdapterPlan) -> None:

@@ -127,6 +127,12 @@ class MoELoRAModule(L.LightningModule):
         return {"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
                 "predictions": preds, "routing": routing}
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks the method config supplies through a ``callbacks()`` hook (WeightLoRA's
+        thresholding schedule); Lightning adds them to the trainer's own."""
+        make = getattr(self.method, "callbacks", None)
+        return list(make()) if callable(make) else []
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         routers, experts = [], []
@@ -160,6 +166,9 @@ class MoELoRAModule(L.LightningModule):
         checkpoint["moelora"] = {"rng": torch.get_rng_state(), "method": self.method.to_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        adapt = getattr(get_state(self.model).config, "adapt_to_checkpoint", None)
+        if callable(adapt):  # adapters whose layout changes in training (WeightLoRA pruning) take the checkpoint's
+            adapt(self.model, checkpoint)
         want = self.adapter_keys()
         got = checkpoint.get("state_dict", {})
         missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))

@@ -7,3 +7,7 @@ __all__ = ["SiRAConfig"]
 from .moa import MoAConfig  # noqa: E402  (imports moelora.inject, which needs the package above)
 
 __all__ += ["MoAConfig"]
+
+from .weightlora_config import WeightLoRAConfig  # noqa: E402
+
+__all__ += ["WeightLoRAConfig"]
