@@ -2,6 +2,8 @@
 
     python benchmarks/kernels.py            # the §8 grid (long on CPU)
     python benchmarks/kernels.py --quick    # a small slice, a few minutes on 2 CPU cores
+    python benchmarks/kernels.py --smoke --out DIR   # one case of each table, 1 rep: checks the
+                                            # script runs (tests/test_benchmarks.py), not a measurement
 
 Implementations (each where it runs):
     ours-torch     moelora.kernels.gated_lora, backend="torch": the op users get (dense-gated up
@@ -17,7 +19,8 @@ Implementations (each where it runs):
     lora-R         one dense LoRA of rank R = E·r
     grouped_mm     torch._grouped_mm on expert-sorted tokens (where this torch build runs it)
 
-Prints a table and writes markdown + JSON to benchmarks/results/kernels_<device>[_quick].*.
+Prints a table and writes markdown + JSON to benchmarks/results/kernels_<device>[_quick].* (or
+to ``--out DIR``; ``--smoke`` writes to a fresh temp dir unless ``--out`` is given).
 Timings are medians after warm-up. This is a benchmark, never a test.
 """
 
@@ -29,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -333,12 +337,20 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2,
                     help="torch CPU threads (on a shared, loaded machine 1 gives steadier numbers)")
     ap.add_argument("--sweep-only", action="store_true", help="only the dense-vs-grouped rank sweep")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one small case per table, 1 rep: checks the script runs (not a measurement)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results directory (default benchmarks/results; --smoke: a fresh temp dir)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if CUDA else "float32"))
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or (1 if args.smoke else 3 if args.quick else 5)
     configs = [(8, 2, 16), (16, 4, 16), (64, 2, 8), (8, 2, 64)]
-    if args.quick:
+    if args.smoke:
+        grid = [(256, 256, 256, 8, 2, 16)]
+        sweep_E, sweep_T = (8,), (256,)
+        fly = [(256, 256, 256, 32, 4)]
+    elif args.quick:
         grid = [(T, 1024, 1024, *c) for T in (512, 2048) for c in configs]
         sweep_E, sweep_T = (2, 4, 8, 32, 128), (2048,)
         fly = [(2048, 1024, 1024, 32, 4)]
@@ -365,18 +377,20 @@ def main(argv=None):
     fly_rows = [rankwise_case(*c, dtype, reps) for c in fly]
     meta = dict(device=torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})",
                 torch=torch.__version__, threads=torch.get_num_threads(), dtype=str(dtype).replace("torch.", ""),
-                reps=reps, quick=args.quick,
-                mode="dense-vs-grouped sweep only" if args.sweep_only else ("quick" if args.quick else "full §8 grid"), hbm_bytes_per_s=bw if CUDA else None, gpu_measured=CUDA,
+                reps=reps, quick=args.quick, smoke=args.smoke,
+                mode="dense-vs-grouped sweep only" if args.sweep_only else
+                ("smoke (not a measurement)" if args.smoke else "quick" if args.quick else "full §8 grid"), hbm_bytes_per_s=bw if CUDA else None, gpu_measured=CUDA,
                 load=f"{load0:.1f} / {os.getloadavg()[0]:.1f}" if load0 is not None else None)
     md = markdown(rows, sweep, fly_rows, smoke, meta)
     print(md)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels_{'gpu' if CUDA else 'cpu'}{'_quick' if args.quick else ''}{'_sweep' if args.sweep_only else ''}"
-    stem += "" if CUDA else f"_t{torch.get_num_threads()}"
-    (RESULTS / f"{stem}.md").write_text(md + "\n")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(dict(meta=meta, interpreter_smoke=smoke, grid=rows,
-                                                          dense_vs_grouped=sweep, rankwise=fly_rows), indent=1))
-    print(f"wrote {RESULTS / stem}.md and .json")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="kernels_smoke_")) if args.smoke else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"kernels_{'gpu' if CUDA else 'cpu'}{'_smoke' if args.smoke else '_quick' if args.quick else ''}"
+    stem += f"{'_sweep' if args.sweep_only else ''}" + ("" if CUDA else f"_t{torch.get_num_threads()}")
+    (out / f"{stem}.md").write_text(md + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, interpreter_smoke=smoke, grid=rows,
+                                                      dense_vs_grouped=sweep, rankwise=fly_rows), indent=1))
+    print(f"wrote {out / stem}.md and .json")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ head) and solvable by LoRA adaptation (> 90% within a few hundred steps). This s
 both on the same data and writes ``benchmarks/results/suite_baselines.{md,json}``.
 
     python -P benchmarks/suite_baselines.py         # 300 steps each, batch 32 (20-40 min on 2 cores)
-    python benchmarks/suite_baselines.py --quick    # smoke run (a few steps)
+    python benchmarks/suite_baselines.py --quick    # smoke run (a few steps); writes nothing
+    python -P benchmarks/suite_baselines.py --quick --out DIR   # smoke run that writes to DIR
 
 The LoRA is moelora with one expert and top-1 (exactly a PEFT LoRA, see tests/test_peft_parity.py)
 on query and value, rank 8, alpha 16, plus the trained head.
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="a few steps, tiny data (smoke test)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default benchmarks/results; --quick writes only with --out)")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--targets", default="query,key,value,dense", help="LoRA target modules (comma-separated)")
     parser.add_argument("--only", choices=["head", "lora"], default=None, help="run one setting only")
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         lines.append(f"| {r['mode']} | {r['steps']} | {cells} | **{r['mean']:.3f}** | {r['train_seconds']} |")
     table = "\n".join(lines)
     print(table)
-    if not args.quick:
+    if not args.quick or args.out is not None:  # a quick run never overwrites the committed results
+        args.out = args.out or RESULTS
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {"command": "python -P benchmarks/suite_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv), "machine": f"{platform.machine()}, "
                 f"{torch.get_num_threads()} torch threads, CPU", "torch": torch.__version__}
