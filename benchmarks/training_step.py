@@ -233,7 +233,8 @@ def markdown(result: dict) -> str:
         unit = "step" if section == "train" else "forward"
         lines += [f"### {TITLES[section]}", "",
                   f"Batch {res['batch']} × {res['seq']} tokens; median of {res['reps']} timed rounds after "
-                  f"{res["warmup"]} warm-up round{"s" if res["warmup"] != 1 else ""} (interquartile range in brackets). Peak memory = extra memory "
+                  f"{res['warmup']} warm-up round{'s' if res['warmup'] != 1 else ''} (interquartile range in brackets). "
+                  "Peak memory = extra memory "
                   f"over {m['mem_steps']} {unit}s from the built model ({m['memory_method']}).", ""]
         head = ["method", "trainable params"] if section == "train" else ["method"]
         head += [f"{unit} ms", "× PEFT LoRA", "peak extra MiB", "× PEFT LoRA"]
