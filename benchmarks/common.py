@@ -272,20 +272,22 @@ def _has_moelora(model: torch.nn.Module) -> bool:
 
 
 def train(model: torch.nn.Module, tok, data: dict[str, list], *, steps: int, batch_size: int, lr: float,
-          seed: int, step_hook: Callable[[int, torch.nn.Module], None] | None = None,
+          seed: int, step_hook: Callable[[int, torch.nn.Module, torch.optim.Optimizer], None] | None = None,
           before_forward: Callable[[torch.nn.Module, dict], None] | None = None,
           extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
-          params: Sequence[torch.nn.Parameter] | None = None, weight_decay: float = 0.0,
+          params: Sequence[torch.nn.Parameter] | Sequence[dict] | None = None, weight_decay: float = 0.0,
           warmup: float = 0.0) -> dict[str, Any]:
     """Train ``model`` on the suite dict ``data`` for ``steps`` AdamW steps of ``batch_size``.
 
     Examples are drawn in a seeded shuffled order (reshuffled each epoch). Each step: optional
     ``before_forward(model, batch)`` (e.g. ``moelora.set_task_ids``), forward with labels, loss +
     ``extra_loss(model)`` (default: :func:`moelora.aux_loss` for a moelora model, else nothing),
-    backward, optimizer step, then ``step_hook(step, model)`` (step counts from 1).
+    backward, optimizer step, then ``step_hook(step, model, optimizer)`` (step counts from 1; the hook
+    may change the model's parameters and the optimizer in place, e.g. WeightLoRA's controller).
 
     Args:
-        params: the parameters to optimise (default: every parameter with ``requires_grad``).
+        params: the parameters (or AdamW parameter groups) to optimise (default: every parameter
+            with ``requires_grad``).
         warmup: fraction of ``steps`` with a linear lr warm-up (0 = constant lr).
 
     Returns:
@@ -297,7 +299,7 @@ def train(model: torch.nn.Module, tok, data: dict[str, list], *, steps: int, bat
         extra_loss = moelora.aux_loss
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warm = int(round(warmup * steps))
+    warm = round(warmup * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     g = torch.Generator().manual_seed(int(seed) + 7919)
     n = len(data["text"])
@@ -323,7 +325,7 @@ def train(model: torch.nn.Module, tok, data: dict[str, list], *, steps: int, bat
         opt.zero_grad(set_to_none=True)
         losses.append(float(out.loss.detach()))
         if step_hook is not None:
-            step_hook(step, model)
+            step_hook(step, model, opt)
     return {"seconds": time.perf_counter() - start, "steps": steps, "final_loss": losses[-1] if losses else None,
             "losses": losses}
 

@@ -1,0 +1,91 @@
+"""Quality part 4: MoA (heterogeneous Mixture of Adapters), soft and sparse, vs homogeneous
+MoE-LoRA top-k vs plain LoRA on the task mix: accuracy and trainable parameters.
+
+MoA places one LoRA per *type* (q, k, v, o, down by default) plus a parallel adapter beside each
+FFN, weighted per token by a sigmoid router per block (``moelora.MoAConfig``). The LoRA and
+MoE-LoRA rows are the same runs as in part 3 (shared under ``--part all``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import common
+import quality as Q
+import quality_sira as S
+
+MOA_RANK, MOA_ALPHA = 8, 16.0   # rank as the official runs (8); α/r = 2 like every other method here
+
+
+def moa_config(seed: int, variant: str):
+    import moelora
+
+    return moelora.MoAConfig(variant=variant, rank=MOA_RANK, alpha=MOA_ALPHA, modules_to_save=["classifier"],
+                             seed=seed)
+
+
+def _activation(model) -> dict[str, Any]:
+    """Mean router weight and activation rate per type over the evaluation (MoA stats)."""
+    import moelora
+
+    stats = moelora.moa_stats(model)
+    per_type: dict[str, list[tuple[float, float]]] = {}
+    for block in stats.values():
+        for t, s in block.items():
+            per_type.setdefault(t, []).append((s["mean_weight"], s["activation_rate"]))
+    return {t: {"mean_weight": sum(w for w, _ in v) / len(v), "activation_rate": sum(a for _, a in v) / len(v)}
+            for t, v in per_type.items()}
+
+
+def run(ctx: Q.Context, elapsed) -> tuple[str, dict]:
+    import moelora
+
+    if not hasattr(moelora, "MoAConfig"):
+        raise Q.PartUnavailable("moelora.MoAConfig is not available in this checkout (MoA, issue 6)")
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for seed in ctx.seeds:
+        results = {}
+        for variant in ("soft", "sparse"):
+            res = Q.train_multitask(ctx, seed, f"moa_{variant}", Q.moelora_model(lambda s, v=variant: moa_config(s, v)),
+                                    after_eval=lambda m: {"moa_types": _activation(m)})
+            results[f"MoA {variant}"] = res
+        results.update(S.baselines(ctx, seed))
+        for label, res in results.items():
+            rows.setdefault(label, []).append(dict(res, seed=seed))
+        print(f"  seed {seed}: " + ", ".join(f"{k.split(' (')[0]} {v['acc']['mean']:.3f}" for k, v in results.items()),
+              flush=True)
+    return _markdown(ctx, rows, elapsed()), {"meta": ctx.cache["meta"]["moa"], "budget": Q.budget_payload(ctx),
+                                             "moa": {"rank": MOA_RANK, "alpha": MOA_ALPHA}, "rows": rows}
+
+
+def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seconds: float) -> str:
+    b = ctx.budget
+    intro = (
+        f"All settings train on the six-task mix for {b.mix_steps} steps with a trainable classifier head (not "
+        f"counted below). MoA: `MoAConfig(variant=\"soft\"|\"sparse\", rank={MOA_RANK}, alpha={MOA_ALPHA:g})`, "
+        "otherwise the official defaults: LoRA experts on q, k, v, o (attention output) and down (FFN output) "
+        "of every block, a parallel adapter (size 16) beside every FFN, a SwiGLU router (factor 4) with sigmoid "
+        "weights reading the block input; sparse: a type runs for a token only where its weight ≥ the "
+        "token's threshold σ(w·x+b)·0.5 (threshold network untrained, as the official code). LoRA: rank 8 "
+        "on query, key, value and every dense (incl. the pooler). MoE-LoRA: 4 experts of rank 2, top-2, on the "
+        "same modules (both as in part 3). α/r = 2 everywhere.")
+    lines = [Q.header(ctx, "Quality 4: MoA soft / sparse vs MoE-LoRA vs LoRA", "moa", intro, seconds)]
+    lines.append("\n## Accuracy on the mix\n")
+    table = [(label, [r["acc"] for r in runs], f"{runs[0]['params']:,}") for label, runs in rows.items()]
+    lines.append(Q.acc_table(table, extra_header="trainable params"))
+    sparse = rows.get("MoA sparse", [])
+    acts = [r.get("moa_types") for r in sparse if r.get("moa_types")]
+    if acts:
+        types = list(acts[0])
+        lines.append("\n## Sparse MoA: share of tokens each type ran for (evaluation)\n")
+        lines.append("| " + " | ".join(types) + " |\n|" + "---|" * len(types))
+        lines.append("| " + " | ".join(common.fmt_ms([a[t]["activation_rate"] for a in acts], 2) for t in types) + " |")
+    means = {label: common.mean_spread([r["acc"]["mean"] for r in runs])[0] for label, runs in rows.items()}
+    lora = means.get("LoRA r=8")
+    if lora is not None:
+        lines.append("\n" + "; ".join(f"{label}: {m:.3f} ({'above' if m > lora else 'at or below'} LoRA)"
+                                      for label, m in means.items() if label != "LoRA r=8") + f"; LoRA: {lora:.3f}.\n")
+    lines.append("\n## Cost\n\n| setting | train s per seed |\n|---|---|")
+    for label, runs in rows.items():
+        lines.append(f"| {label} | {', '.join(str(r['seconds']) for r in runs)} |")
+    return "\n".join(lines) + "\n"
