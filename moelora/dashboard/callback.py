@@ -16,7 +16,7 @@ import torch
 
 from moelora.layer import MoELoRALinear, wrapped_layers
 
-from .store import STORE_DIR, RoutingStore
+from .store import STORE_DIR, RoutingStore, record_problem
 
 
 def _jsonable(values: Any) -> dict[str, Any]:
@@ -143,6 +143,10 @@ class RoutingDashboard(L.Callback):
         self._last = now
         if self.store is not None and trainer.is_global_zero:
             self.store.append_window(stage, trainer.global_step, window, epoch=trainer.current_epoch)
+            gates = getattr(self._layers[0]._state.tracker, "gates", None)  # per-head weights (WeightLoRA ω)
+            record = {"kind": "gates", "stage": stage, "step": int(trainer.global_step), "layers": gates}
+            if gates and stage == "train" and record_problem(record) is None:  # (non-finite ω: not recorded)
+                self.store.append(record)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.every_n_steps or trainer.log_every_n_steps

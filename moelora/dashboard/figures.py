@@ -236,3 +236,31 @@ def coactivation(contents: StoreContents, totals: dict[str, LayerStats], names, 
         fig.add_annotation(text="top-1 routing: a token never has two experts", xref="paper", yref="paper",
                            x=0.5, y=0.5, showarrow=False, font={"size": 14})
     return fig
+
+
+def gates(records: list[dict], labels: dict[str, str]) -> go.Figure:
+    """|ω| of every head (one line per layer; per expert with ``over="experts"``) over steps, from the
+    store's ``gates`` records (WeightLoRA). A disconnected head's line ends at 0."""
+    fig = go.Figure()
+    names = list(dict.fromkeys(n for rec in records for n in rec["layers"]))
+    colors = layer_colors(len(names))
+    for i, n in enumerate(names):
+        width = max(len(rec["layers"][n]["omega"]) for rec in records if n in rec["layers"])
+        for e in range(width):
+            steps, values = [], []
+            for rec in records:
+                g = rec["layers"].get(n)
+                if g is not None:
+                    omega = g["omega"]
+                    steps.append(rec["step"])
+                    values.append(abs(omega[e]) if e < len(omega) else 0.0)
+            latest = next(r["layers"][n] for r in reversed(records) if n in r["layers"])
+            experts = latest.get("experts") or list(range(width))
+            name = labels.get(n, n) + (f" · e{experts[e] if e < len(experts) else e}" if width > 1 else "")
+            fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=name, legendgroup=n,
+                                     line={"color": colors[i], "width": 1.5}, marker={"size": 4},
+                                     hovertemplate=f"{name}<br>step %{{x}}: |ω| %{{y:.3f}}<extra></extra>"))
+    fig.update_layout(template=TEMPLATE, height=380, xaxis_title="step", yaxis_title="|ω|",
+                      yaxis={"rangemode": "tozero"}, margin={"t": 20, "b": 50, "l": 60, "r": 20},
+                      legend={"font": {"size": 10}})
+    return fig

@@ -193,6 +193,24 @@ def _section(sid: str, title: str, note: str, body: str) -> str:
     return f'<section id="{sid}"><h2>{html.escape(title)}</h2><p class="note">{note}</p>{body}</section>'
 
 
+_GATES_NOTE = ("The weight ω of every adapter head over training (WeightLoRA; one line per expert when the "
+               "selection runs over experts). Hard thresholding keeps the K largest |ω| and zeroes the rest; at the "
+               "end of the warm-up the zeroed heads are disconnected (removed from the model and the optimizer).")
+
+
+def _gates_table(contents: StoreContents, labels: dict[str, str]) -> str:
+    """The latest ω, status and ranks of every head, as an HTML table."""
+    last = contents.gates[-1]
+    rows = "".join(
+        f"<tr><td>{html.escape(labels.get(n, n))}</td><td>{html.escape(str(g.get('status')))}</td>"
+        f"<td>{html.escape(' '.join(f'{v:.3f}' for v in g['omega']))}</td>"
+        f"<td>{html.escape(' '.join(str(r) for r in g.get('ranks') or []))}</td></tr>"
+        for n, g in sorted(last["layers"].items(), key=lambda kv: (kv[1].get("status") != "active", kv[0])))
+    kept = sum(1 for g in last["layers"].values() if g.get("status") == "active")
+    return (f'<table class="cfg"><caption>step {int(last["step"])}: {kept} of {len(last["layers"])} heads '
+            f"connected</caption><tr><td>head</td><td>status</td><td>ω</td><td>ranks</td></tr>{rows}</table>")
+
+
 def render_html(contents: StoreContents, *, title: str = "moelora routing report",
                 config_yaml: str | None = None) -> str:
     """The report as one HTML string (plotly's JS inlined)."""
@@ -219,6 +237,8 @@ def render_html(contents: StoreContents, *, title: str = "moelora routing report
         parts.append(f'<div class="warn">Some records were skipped:<ul>{items}</ul></div>')
     nav = [("summary", "balance"), ("drops", "drops"), ("load", "load"), ("load-time", "load over time"),
            ("tasks", "per task"), ("coactivation", "co-activation"), ("tokens", "tokens")]
+    if contents.gates:
+        nav.append(("gates", "adapter weights"))
     parts.append("<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in nav) + "</nav>")
     if not totals:
         parts.append('<div class="warn">The store holds no routing windows yet: nothing routed was recorded.</div>')
@@ -252,6 +272,9 @@ def render_html(contents: StoreContents, *, title: str = "moelora routing report
                               "Row i: of the tokens that chose expert i, the share that also chose expert j "
                               "(top-k > 1). Pick the layer in the menu.",
                               plot(F.coactivation(contents, totals, names, labels), "plot-coactivation")))
+    if contents.gates:
+        parts.append(_section("gates", "Adapter weights ω (WeightLoRA)", _GATES_NOTE,
+                              plot(F.gates(contents.gates, labels), "plot-gates") + _gates_table(contents, labels)))
     tokens = token_view_data(contents, names, labels, totals)
     if tokens:
         body = (_json_script("token-data", tokens)

@@ -12,6 +12,8 @@ Layout, under the run's log directory::
             {"kind": "sample", "stage", "step", "time",
              "texts": [{"tokens": [str], "task": int|null, "label": int|null,
                         "routing": {name: {"experts": [[k ids] per token], "weights": [[k]]}}}]}
+            {"kind": "gates", "stage", "step", "time",          (methods with per-head weights: WeightLoRA)
+             "layers": {name: {"omega": [floats], "status": "active"|"disconnected", "ranks" (optional)}}}
 
 A window holds what the tracker accumulated since the previous record (the
 :meth:`~moelora.balance.LayerStats.since` difference), so every recorded forward is in exactly
@@ -44,7 +46,7 @@ VERSION = 1
 STORE_DIR = "routing"
 META = "meta.json"
 RECORDS = "records.jsonl"
-KINDS = ("window", "sample")
+KINDS = ("window", "sample", "gates")
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -100,6 +102,18 @@ def _layer_problem(d: Any) -> str | None:
     return None
 
 
+def _gates_problem(layers: Any) -> str | None:
+    """Why a gates record's ``layers`` is invalid (per-head WeightLoRA weights), or ``None``."""
+    if not isinstance(layers, dict):
+        return "gates without layers"
+    for name, g in layers.items():
+        if not isinstance(g, dict) or not isinstance(g.get("omega"), list) or not _is_vector(g["omega"], len(g["omega"])):
+            return f"gates of {name}: omega is not a list of finite numbers"
+        if not isinstance(g.get("status"), str):
+            return f"gates of {name}: status missing"
+    return None
+
+
 def record_problem(rec: Any) -> str | None:
     """Why ``rec`` is not a valid record, or ``None`` when it is."""
     if not isinstance(rec, dict) or rec.get("kind") not in KINDS:
@@ -114,6 +128,8 @@ def record_problem(rec: Any) -> str | None:
             if problem:
                 return f"layer {name}: {problem}"
         return None
+    if rec["kind"] == "gates":
+        return _gates_problem(rec.get("layers"))
     texts = rec.get("texts")
     if not isinstance(texts, list):
         return "sample without texts"
@@ -145,6 +161,7 @@ class StoreContents:
     meta: dict[str, Any]
     windows: list[Window] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    gates: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -213,6 +230,8 @@ def read_store(path: str | os.PathLike) -> StoreContents:
         if rec["kind"] == "window":
             out.windows.append(Window(rec["stage"], rec["step"], rec.get("epoch"), rec.get("time"),
                                       {n: decode_layer(d) for n, d in rec["layers"].items()}))
+        elif rec["kind"] == "gates":
+            out.gates.append(rec)
         else:
             out.samples.append(rec)
     return out

@@ -51,6 +51,7 @@ class WeightLoRACallback(L.Callback):
                 f"parameters; the {type(trainer.strategy).__name__} strategy ({trainer.world_size} processes) cannot "
                 "follow that. Run the warm-up in one process (devices=1), then resume from its checkpoint with DDP.")
         self.controller = WeightLoRAController(pl_module.model)
+        record_gates(pl_module.model)  # the dashboard's first window sees every head's ω
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step  # after a resume: the restored step
@@ -72,7 +73,7 @@ class WeightLoRACallback(L.Callback):
 
     def _log(self, pl_module) -> None:
         model = pl_module.model
-        gates = record_gates(model)
+        gates = record_gates(model)  # also the snapshot the routing dashboard records
         live = {n: g for n, g in gates.items() if g.get("status") == "active"}
         names = short_names(sorted(gates))
         values = {"weightlora/active": float(sum(sum(1 for v in g["omega"] if v != 0) for g in live.values())),

@@ -60,20 +60,31 @@ def gated_layers(model: nn.Module) -> list[MoELoRALinear]:
     return [layer for layer in wrapped_layers(model) if isinstance(layer.router, OmegaRouter)]
 
 
-def add_gates(model: nn.Module, config: WeightLoRAConfig) -> nn.Module:
+def add_gates(model: nn.Module, config: WeightLoRAConfig | None = None, **settings: Any) -> nn.Module:
     """Put WeightLoRA ω gates on the moelora adapter ``model`` already holds, in place.
 
+    ::
+
+        model = moelora.load_adapter(hf_model, "trained_moe/")        # or a MeteoRA fusion
+        moelora.add_gates(model, keep=2, over="experts", warmup_steps=200)
+
     The existing layers keep their weights; each router is wrapped in an :class:`OmegaRouter`
-    (ω = ``config.omega_init``, so outputs do not change) and the model's config becomes
-    ``config`` bound to the existing adapter (``base_method`` = that adapter's config; layer
-    fields copied from it). Then train with :class:`WeightLoRAController` to keep only the
-    necessary heads or (``config.over="experts"``) experts; a pruned model saves and loads as usual.
+    (ω = ``omega_init``, so outputs do not change) and the model's config becomes a
+    :class:`WeightLoRAConfig` with ``base_method`` = the existing adapter's config and its layer
+    fields copied from it. Then train with :class:`WeightLoRAController` (or Lightning) to keep
+    only the necessary heads or (``over="experts"``) experts; a pruned model saves and loads as usual.
+
+    Args:
+        config: a :class:`WeightLoRAConfig` whose WeightLoRA settings (``keep``, ``over``,
+            ``warmup_steps``, ...) are used (its layer fields are ignored); or none, and
+        settings: those settings as keywords (they override ``config``'s).
 
     Raises:
         ValueError: the adapter has gates already, is a method without a router (FlyLoRA, MoA),
-            or ``keep`` does not fit it. The model is unchanged then.
+            or a setting is invalid (``keep`` not fitting the adapter, named). The model is
+            unchanged then.
     """
-    if not isinstance(config, WeightLoRAConfig):
+    if config is not None and not isinstance(config, WeightLoRAConfig):
         raise TypeError(f"config must be a moelora.WeightLoRAConfig, got {type(config).__name__}")
     state = get_state(model)
     base = state.config
@@ -85,7 +96,8 @@ def add_gates(model: nn.Module, config: WeightLoRAConfig) -> nn.Module:
         raise ValueError(f"cannot gate a {type(base).__name__} adapter with WeightLoRA: its layers compute their "
                          f"expert output themselves (e.g. {own[:3]}), without router weights for ω to scale. "
                          "Use a router-based method (moelora, sira, meteora) as base_method.")
-    live = config.bind(base, list(state.wrapped))
+    live = WeightLoRAConfig.bound(base, list(state.wrapped), **{**(config.gate_fields() if config else {}),
+                                                              **settings})
     live.check_heads(len(layers))
     install_tracker(state)
     for layer in layers:
@@ -374,6 +386,7 @@ class WeightLoRAController:
             return None
         if self.steps_done < config.warmup_steps:
             hard_threshold(self.model)
+            record_gates(self.model)
             return "threshold"
         disconnect(self.model, optimizer)
         if config.plus:

@@ -59,6 +59,9 @@ from moelora.state import AdapterState
 from .weightlora_parts import PLUS_INITS, install_tracker, keep_bank_experts
 
 STAGES = ("warmup", "disconnected", "expanded")
+#: The WeightLoRA settings proper (what add_gates takes); the layer fields come from the gated method.
+GATE_FIELDS = ("keep", "over", "omega_init", "warmup_steps", "threshold_start", "plus", "plus_rank", "plus_init",
+               "extra")
 CHECKPOINT_KEY = "weightlora"  # the live config in Lightning checkpoints (see adapt_to_checkpoint)
 
 
@@ -208,12 +211,21 @@ class WeightLoRAConfig(MoELoRAConfig):
             _fail("keep", self.keep, f"an integer in [1, {num_heads}]: the model has {num_heads} wrapped module(s) "
                   "(heads) to choose from")
 
-    def bind(self, base: MoELoRAConfig, wrapped: list[str]) -> "WeightLoRAConfig":
-        """This config with its layer fields taken from ``base`` (the method it gates) and
-        ``target_modules`` = the exact ``wrapped`` module names."""
+    def gate_fields(self) -> dict[str, Any]:
+        """The WeightLoRA settings of this config (not the layer fields, not the filled-in ones)."""
+        return {name: getattr(self, name) for name in GATE_FIELDS}
+
+    @classmethod
+    def bound(cls, base: MoELoRAConfig, wrapped: list[str], **gate_fields: Any) -> "WeightLoRAConfig":
+        """A config gating the adapter ``base`` built, over the exact ``wrapped`` module names:
+        layer fields copied from ``base``, ``base_method = base.to_dict()``, WeightLoRA settings
+        from ``gate_fields`` (``keep``, ``over``, ``warmup_steps``, ...)."""
+        unknown = sorted(set(gate_fields) - set(GATE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown WeightLoRA setting(s) {unknown}; known: {list(GATE_FIELDS)}")
         common = {f.name: getattr(base, f.name) for f in dataclasses.fields(MoELoRAConfig) if f.name != "extra"}
         common.update(target_modules=list(wrapped), exclude_modules=None)
-        return dataclasses.replace(self, **common, base_method=base.to_dict())
+        return cls(**common, base_method=base.to_dict(), **gate_fields)
 
     # ------------------------------------------------------------------ hooks used by moelora.inject
     def inject_into(self, model: nn.Module) -> nn.Module | None:
@@ -227,7 +239,7 @@ class WeightLoRAConfig(MoELoRAConfig):
 
         inject(model, self._base)
         try:
-            return add_gates(model, self)
+            return add_gates(model, **self.gate_fields())
         except BaseException:
             unwrap(model)
             raise
