@@ -10,13 +10,13 @@ import weakref
 
 import pytest
 import torch
+from conftest import minilm_path, tiny_llama
+from moelora.routers.weightlora import OmegaRouter
 from safetensors import safe_open
 from torch import nn
 
 import moelora
-from conftest import minilm_path, tiny_llama
 from moelora import weightlora
-from moelora.routers.weightlora import OmegaRouter
 from moelora.state import get_state
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # 6 heads in the 2-layer tiny Llama
@@ -309,3 +309,18 @@ def test_heads_over_a_moe_base_method(token_ids, tmp_path):
     moelora.save_adapter(model, tmp_path)
     loaded = moelora.load_adapter(tiny_llama(), tmp_path)
     torch.testing.assert_close(logits(loaded, token_ids), logits(model, token_ids), atol=0, rtol=0)
+
+
+def test_fold_omega_then_export_gives_a_peft_lora_of_the_kept_heads(tmp_path, token_ids):
+    peft = pytest.importorskip("peft")
+    model = gated(keep=2, plus=True)
+    randomize(model)
+    weightlora.disconnect(model)
+    weightlora.expand_ranks(model)
+    want = logits(model, token_ids)
+    weightlora.fold_omega(model)
+    assert all(torch.equal(w, torch.ones(1)) for w in weightlora.omega_values(model).values())
+    torch.testing.assert_close(logits(model, token_ids), want, atol=1e-6, rtol=1e-6)
+    (path,) = moelora.export_lora_adapters(model, tmp_path).values()
+    reference = peft.PeftModel.from_pretrained(tiny_llama(), str(path)).eval()
+    torch.testing.assert_close(logits(reference, token_ids), want, atol=1e-5, rtol=0)

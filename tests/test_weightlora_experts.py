@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 import moelora
-from conftest import tiny_llama
 from moelora import weightlora
 from moelora.state import get_state
 
@@ -127,6 +127,8 @@ def test_pruned_experts_equal_the_unpruned_model_with_their_gates_at_zero(token_
     torch.testing.assert_close(out(loaded, token_ids), want, atol=0, rtol=0)
     assert weightlora.weightlora_config(loaded) == weightlora.weightlora_config(model)
     assert moelora.routing_stats(loaded).expert_maps == moelora.routing_stats(model).expert_maps
+    fresh = moelora.inject(tiny_llama(), weightlora.weightlora_config(model))  # the live config: same layout
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
 def test_keep_experts_of_a_sira_adapter_with_capacity(token_ids):

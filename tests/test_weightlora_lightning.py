@@ -4,9 +4,9 @@ resume across the disconnection point exactly, the dashboard shows ω."""
 import lightning as L
 import pytest
 import torch
+from conftest import minilm_classifier
 
 import moelora
-from conftest import minilm_classifier
 from moelora import weightlora
 from moelora.dashboard import read_store
 from moelora.dashboard.callback import RoutingDashboard

@@ -18,7 +18,9 @@ Plain PyTorch (Lightning does the same through the callback MoELoRAModule adds i
 The building blocks are public too: :func:`hard_threshold`, :func:`disconnect`,
 :func:`expand_ranks`, :func:`add_gates` (ω gates on an adapter that already exists, e.g. a
 trained MoE-LoRA or a MeteoRA fusion, to keep only its necessary experts), :func:`omega_values`,
-:func:`record_gates`, :func:`param_groups`. Semantics and defaults: :mod:`.weightlora_config`.
+:func:`record_gates`, :func:`param_groups`, :func:`fold_omega` (before
+:func:`moelora.export_lora_adapters`, which does not read ω). Semantics and defaults:
+:mod:`.weightlora_config`.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from .weightlora_config import WeightLoRAConfig, provenance_names
 from .weightlora_parts import (as_optimizers, grow_bank_ranks, grown_rows, install_tracker, keep_bank_experts,
                                picked_rows, remove_params, replace_param)
 
-__all__ = ["WeightLoRAConfig", "WeightLoRAController", "add_gates", "disconnect", "expand_ranks", "gated_layers",
-           "hard_threshold", "lora_parameter_count", "omega_values", "param_groups", "record_gates", "restructure",
-           "weightlora_config"]
+__all__ = ["WeightLoRAConfig", "WeightLoRAController", "add_gates", "disconnect", "expand_ranks", "fold_omega",
+           "gated_layers", "hard_threshold", "lora_parameter_count", "omega_values", "param_groups", "record_gates",
+           "restructure", "weightlora_config"]
 
 
 def weightlora_config(model: nn.Module) -> WeightLoRAConfig:
@@ -311,6 +313,19 @@ def record_gates(model: nn.Module) -> dict[str, dict]:
     for name in config.disconnected:
         tracker.gates.setdefault(name, {"omega": [0.0], "status": "disconnected"})["status"] = "disconnected"
     return tracker.gates
+
+
+@torch.no_grad()
+def fold_omega(model: nn.Module) -> None:
+    """After training: fold every ω into its experts' output scales (``scale_e ← ω · scale_e``) and
+    set ω to 1, in place. The outputs do not change, and each bank alone then holds its head's
+    delta, which is what :func:`moelora.export_lora_adapters` (which does not read ω) exports.
+    Not during the warm-up: with every ω at 1, thresholding would choose by position."""
+    for layer in gated_layers(model):
+        gate, bank = layer.router, layer.bank
+        factor = gate.omega.detach().to(bank.scale.device, bank.scale.dtype)
+        bank.scale.mul_(factor if gate.over == "experts" else factor[0])
+        gate.omega.fill_(1.0)
 
 
 def param_groups(model: nn.Module, *, omega_lr: float | None = None, weight_decay: float = 0.0) -> list[dict[str, Any]]:

@@ -216,7 +216,7 @@ class WeightLoRAConfig(MoELoRAConfig):
         return {name: getattr(self, name) for name in GATE_FIELDS}
 
     @classmethod
-    def bound(cls, base: MoELoRAConfig, wrapped: list[str], **gate_fields: Any) -> "WeightLoRAConfig":
+    def bound(cls, base: MoELoRAConfig, wrapped: list[str], **gate_fields: Any) -> WeightLoRAConfig:
         """A config gating the adapter ``base`` built, over the exact ``wrapped`` module names:
         layer fields copied from ``base``, ``base_method = base.to_dict()``, WeightLoRA settings
         from ``gate_fields`` (``keep``, ``over``, ``warmup_steps``, ...)."""
@@ -229,9 +229,11 @@ class WeightLoRAConfig(MoELoRAConfig):
 
     # ------------------------------------------------------------------ hooks used by moelora.inject
     def inject_into(self, model: nn.Module) -> nn.Module | None:
-        """``moelora.inject`` hook: with ``base_method``, inject that method, then add the gates
-        (the model is left unchanged on any error); ``None`` (plain injection) otherwise."""
-        if self._base is None:
+        """``moelora.inject`` hook: with ``base_method`` (in warm-up), inject that method (a MeteoRA
+        base fuses its adapter files), then add the gates; the model is left unchanged on any
+        error. ``None`` otherwise: plain injection through :meth:`make_layer`, which also builds
+        a pruned / expanded layout (a live config of a trained model) with fresh weights."""
+        if self._base is None or self.stage != "warmup":
             return None
         from moelora.inject import inject, unwrap
 

@@ -58,7 +58,7 @@ class WeightLoRATracker(LoadTracker):
                 dropped = dropped.new_zeros(num_experts).index_copy(0, index.to(dropped.device), dropped)
         super().record(name, num_experts, expert_ids, probs, dropped, token_mask, task_ids=task_ids)
 
-    def reduced(self) -> "WeightLoRATracker":
+    def reduced(self) -> WeightLoRATracker:
         """As :meth:`LoadTracker.reduced` (a collective under DDP), keeping the gates."""
         out = WeightLoRATracker()
         out.layers, out.enabled = super().reduced().layers, self.enabled
