@@ -39,9 +39,11 @@ def interleaved_medians(steps: dict[str, Callable[[], Any]], *, warmup: int, rep
                         sync: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
     """Run every callable ``warmup + reps`` times, one call of each per round (rotating the order
     every round), so slow drifts of a shared machine hit every row alike. Returns per name the
-    median seconds of the timed rounds and the quartiles. The cyclic GC runs between rounds only."""
+    median seconds of the timed rounds and the quartiles. The cyclic GC runs between rounds only.
+    A callable that raises gets ``{"error": ...}`` and is not called again."""
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
+    errors: dict[str, str] = {}
     gc_was = gc.isenabled()
     try:
         for i in range(warmup + reps):
@@ -49,21 +51,35 @@ def interleaved_medians(steps: dict[str, Callable[[], Any]], *, warmup: int, rep
             gc.disable()
             order = names[i % len(names):] + names[:i % len(names)]
             for name in order:
+                if name in errors:
+                    continue
                 sync()
                 t0 = time.perf_counter()
-                steps[name]()
-                sync()
+                try:
+                    steps[name]()
+                    sync()
+                except Exception as e:  # noqa: BLE001 - reported in the table
+                    errors[name] = f"{type(e).__name__}: {e}"[:200]
+                    continue
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t0)
             gc.enable()
     finally:
         if gc_was:
             gc.enable()
-    out = {}
+    out: dict[str, dict[str, Any]] = {name: {"error": err} for name, err in errors.items()}
     for name, ts in times.items():
+        if name in errors:
+            continue
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        out[name] = {"median_s": statistics.median(ts), "p25_s": q[0], "p75_s": q[2], "n": len(ts)}
+        out[name] = {"median_s": statistics.median(ts), "p25_s": q[0], "p75_s": q[2], "n": len(ts), "times_s": ts}
     return out
+
+
+def paired_ratio(times: list[float], ref: list[float]) -> float:
+    """Median over rounds of ``times[i] / ref[i]``: both were timed in the same round, so a load
+    change between rounds cancels (the ratio of the two medians does not get that)."""
+    return statistics.median(t / r for t, r in zip(times, ref))
 
 
 # ------------------------------------------------------------------------------------------- memory

@@ -151,17 +151,17 @@ def run_section(args, section: str, work: Path) -> dict:
     built = {}
     for name in names:
         try:
-            built[name] = table[name][1](ctx)
-            rows[name].update(trainable=built[name].trainable, notes=built[name].notes)
+            row = table[name][1](ctx)
+            rows[name].update(trainable=row.trainable, notes=row.notes)
+            if args.memory == "inprocess":  # right after the build, earlier rows alive: not isolated
+                rows[name]["memory"] = B.peak_memory(row.step, steps=args.mem_steps, device=ctx.device)
+            else:
+                row.step()  # fail here, not in the timing loop; one more warm-up step
+            built[name] = row
         except Exception as e:  # noqa: BLE001 - e.g. a method that is not merged yet
             rows[name]["error"] = _error(e)
             print(f"  {name}: not available: {rows[name]['error']}", flush=True)
-            continue
-        if args.memory == "inprocess":  # right after the build, earlier rows alive: not isolated
-            try:
-                rows[name]["memory"] = B.peak_memory(built[name].step, steps=args.mem_steps, device=ctx.device)
-            except Exception as e:  # noqa: BLE001
-                rows[name]["memory"] = {"error": _error(e)}
+        row = None
     try:
         timings = B.interleaved_medians({n: r.step for n, r in built.items()}, warmup=warmup, reps=reps,
                                         sync=sync_for(ctx.device))
@@ -169,13 +169,15 @@ def run_section(args, section: str, work: Path) -> dict:
         built.clear()
     for name, t in timings.items():
         rows[name].update(t)
+    timed = [n for n, t in timings.items() if "error" not in t]
     if args.memory == "isolated":
-        for name, m in memory_isolated(args, section, list(timings), work).items():
+        for name, m in memory_isolated(args, section, timed, work).items():
             rows[name]["memory"] = m
     ref = rows.get(REFERENCE, {})
     for r in rows.values():
-        if "median_s" in r and "median_s" in ref:
-            r["time_ratio"] = r["median_s"] / ref["median_s"]
+        if "median_s" in r and "median_s" in ref and "error" not in r:
+            r["time_ratio"] = B.paired_ratio(r["times_s"], ref["times_s"])
+            r["ratio_of_medians"] = r["median_s"] / ref["median_s"]
         peak, ref_peak = r.get("memory", {}).get("peak_delta_mib"), ref.get("memory", {}).get("peak_delta_mib")
         if peak is not None and ref_peak:
             r["memory_ratio"] = peak / ref_peak
@@ -197,8 +199,8 @@ def targets(sections: dict[str, dict]) -> list[dict]:
         out.append({"target": "MeteoRA inference over 8 adapters ≤ 1.3× a single PEFT LoRA",
                     "row": "infer/meteora", "measured": v, "met": None if v is None else v <= 1.3,
                     "shown": None if v is None else f"{v:.2f}×"})
-        x, m = infer.get("xlora", {}).get("median_s"), infer["meteora"].get("median_s")
-        v = x / m if x and m else None
+        x, m = infer.get("xlora", {}).get("times_s"), infer["meteora"].get("times_s")
+        v = B.paired_ratio(x, m) if x and m else None
         out.append({"target": "MeteoRA inference ≥ 2× faster than X-LoRA over the same 8",
                     "row": "infer/xlora ÷ infer/meteora", "measured": v, "met": None if v is None else v >= 2.0,
                     "shown": None if v is None else f"{v:.2f}× faster"})
@@ -233,7 +235,9 @@ def markdown(result: dict) -> str:
         unit = "step" if section == "train" else "forward"
         lines += [f"### {TITLES[section]}", "",
                   f"Batch {res['batch']} × {res['seq']} tokens; median of {res['reps']} timed rounds after "
-                  f"{res['warmup']} warm-up round{'s' if res['warmup'] != 1 else ''} (interquartile range in brackets). "
+                  f"{res['warmup']} warm-up round{'s' if res['warmup'] != 1 else ''} (interquartile range in brackets); "
+                  "`× PEFT LoRA` = median over rounds of this row's time / the PEFT LoRA row's time in the "
+                  "same round. "
                   "Peak memory = extra memory "
                   f"over {m['mem_steps']} {unit}s from the built model ({m['memory_method']}).", ""]
         head = ["method", "trainable params"] if section == "train" else ["method"]
