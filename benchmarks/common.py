@@ -236,7 +236,10 @@ def tokenizer():
 
 def fresh_model(seed: int = 0, num_labels: int = 2) -> torch.nn.Module:
     """A new MiniLM ``AutoModelForSequenceClassification`` (loaded from disk once, then copied),
-    with its classifier head re-initialised from ``seed`` (normal(0, 0.02), zero bias, as HF does)."""
+    with its classifier head re-initialised from ``seed`` (normal(0, 0.02), zero bias, as HF does).
+
+    Also seeds torch's global RNG with ``seed``, so whatever initialises from it next (a PEFT
+    LoRA's A, a moelora config without ``seed``) is reproducible."""
     key = f"model{num_labels}"
     if key not in _CACHE:
         from transformers import AutoModelForSequenceClassification
@@ -248,6 +251,7 @@ def fresh_model(seed: int = 0, num_labels: int = 2) -> torch.nn.Module:
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=g) * model.config.initializer_range)
         head.bias.zero_()
+    torch.manual_seed(int(seed))
     return model
 
 
@@ -279,7 +283,8 @@ def train(model: torch.nn.Module, tok, data: dict[str, list], *, steps: int, bat
           warmup: float = 0.0) -> dict[str, Any]:
     """Train ``model`` on the suite dict ``data`` for ``steps`` AdamW steps of ``batch_size``.
 
-    Examples are drawn in a seeded shuffled order (reshuffled each epoch). Each step: optional
+    Seeds torch's global RNG with ``seed`` first (dropout, expert dropout, router noise), and
+    draws examples in a seeded shuffled order (reshuffled each epoch). Each step: optional
     ``before_forward(model, batch)`` (e.g. ``moelora.set_task_ids``), forward with labels, loss +
     ``extra_loss(model)`` (default: :func:`moelora.aux_loss` for a moelora model, else nothing),
     backward, optimizer step, then ``step_hook(step, model, optimizer)`` (step counts from 1; the hook
@@ -301,6 +306,7 @@ def train(model: torch.nn.Module, tok, data: dict[str, list], *, steps: int, bat
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warm = round(warmup * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    torch.manual_seed(int(seed))
     g = torch.Generator().manual_seed(int(seed) + 7919)
     n = len(data["text"])
     order, pos = torch.randperm(n, generator=g), 0

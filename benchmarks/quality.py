@@ -47,11 +47,11 @@ class Budget:
     n_train: int = 400       # training examples per task
     n_test: int = 100        # test examples per task
     batch_size: int = 16
-    lr: float = 2e-3         # AdamW, constant, no weight decay, for every method
-    task_steps: int = 60     # steps of each single-task adapter (parts 1-2)
-    gate_steps: int = 60     # MeteoRA gate-only steps (part 1)
+    lr: float = 1e-3         # AdamW, constant, no weight decay, for every adapter (2e-3 made single-task runs diverge)
+    task_steps: int = 80     # steps of each single-task adapter (parts 1-2)
+    gate_steps: int = 150    # MeteoRA gate-only steps (part 1)
     gate_lr: float = 1e-2    # gates start from scratch: a larger lr than the LoRAs'
-    mix_steps: int = 300     # steps of a multi-task run (parts 3-5)
+    mix_steps: int = 240     # steps of a multi-task run (parts 3-5): 3,840 examples, 1.6 passes over the mix
 
     def line(self) -> str:
         return (f"{self.n_train} training / {self.n_test} test examples per task and seed (test examples "
@@ -61,19 +61,23 @@ class Budget:
 
 FULL = Budget()
 QUICK = Budget(n_train=8, n_test=4, batch_size=8, task_steps=2, gate_steps=2, mix_steps=2)
+#: Parts that share cached runs of a seed run together in one worker: (meteora, merge) share the
+#: per-task PEFT adapters; (sira, moa, weightlora) share the LoRA and MoE-LoRA multi-task runs.
+GROUPS = (("meteora", "merge"), ("sira", "moa", "weightlora"))
 
 
 class Context:
     """What the parts share within one invocation: args, budget, data, temp dir, cached runs."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, *, load_tokenizer: bool = True) -> None:
         self.args = args
         self.quick = bool(args.quick)
         self.budget = QUICK if self.quick else FULL
         self.seeds = common.seeds_for(args)
+        self.jobs = 1
         self.tmp = Path(tempfile.mkdtemp(prefix="moelora_quality_"))
         self.cache: dict[Any, Any] = {}
-        self.tok = common.tokenizer()
+        self.tok = common.tokenizer() if load_tokenizer else None
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -106,13 +110,16 @@ def task_adapters(ctx: Context, seed: int) -> dict[str, Any]:
 
     def build():
         import peft
+        import torch
 
         from moelora.data.suite import TASKS
 
         train, test = ctx.data(seed)
         dirs, acc, seconds, params = {}, {}, 0.0, 0
         for tid, task in enumerate(TASKS):
-            model = peft.get_peft_model(common.fresh_model(seed), peft_lora_config())
+            base = common.fresh_model(seed)
+            torch.manual_seed(seed * 100 + tid)  # each task's LoRA A from its own seed
+            model = peft.get_peft_model(base, peft_lora_config())
             params = common.count_trainable(model)
             run = common.train(model, ctx.tok, common.filter_task(train, tid), steps=ctx.budget.task_steps,
                                batch_size=ctx.budget.batch_size, lr=ctx.budget.lr, seed=seed * 100 + tid)
@@ -224,15 +231,20 @@ def acc_table(rows: list[tuple[str, list[dict], str]], *, tasks=None, extra_head
     return "\n".join(lines)
 
 
-def header(ctx: Context, title: str, part: str, intro: str, seconds: float) -> str:
+def header(ctx: Context, title: str, part: str, intro: str, rows: list[dict]) -> str:
+    """Title, command, intro and the seeds / budget / time / machine lines of a part's markdown."""
     meta = common.machine_meta(_command(ctx, part))
     ctx.cache.setdefault("meta", {})[part] = meta
     mode = "QUICK SMOKE RUN: numbers are meaningless\n\n" if ctx.quick else ""
+    times = ", ".join(f"{r['part_seconds']:.0f}" for r in rows)
+    par = (f"; the seeds ran in {ctx.jobs} parallel processes of {ctx.args.threads} torch thread(s) each"
+           if ctx.jobs > 1 else f"; {ctx.args.threads} torch thread(s)")
     return (f"# {title}\n\n{mode}`{meta['command']}`\n\n{intro}\n\n"
-            f"- Seeds: {', '.join(map(str, ctx.seeds))} (each seed: its own data, initialisation and adapters); "
-            f"cells are mean ± spread (half the range) over seeds.\n"
+            f"- Seeds: {', '.join(str(r['seed']) for r in rows)} (each seed: its own data, initialisation and "
+            f"adapters); cells are mean ± spread (half the range) over seeds.\n"
             f"- Budget: {ctx.budget.line()}.\n"
-            f"- Wall time of this part: {seconds:.0f} s on {common.meta_line(meta)}.\n")
+            f"- Time of this part per seed: {times} s (wall, including the runs it shares with other parts when it "
+            f"computed them){par}; on {common.meta_line(meta)}.\n")
 
 
 def _command(ctx: Context, part: str) -> str:
@@ -257,34 +269,88 @@ def budget_payload(ctx: Context) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- main
+def run_unit(args: argparse.Namespace, seed: int, parts: tuple[str, ...]) -> dict[str, dict]:
+    """Run ``parts`` for one seed (one worker's unit of work); ``{part: row}``, where a row is the
+    part's ``run_seed`` result plus ``seed`` and ``part_seconds``, or ``{"skipped": reason}``."""
+    common.setup(args)
+    sys.modules.setdefault("quality", sys.modules[__name__])  # the parts import this module's helpers
+    ctx = Context(args)
+    out: dict[str, dict] = {}
+    try:
+        for part in parts:
+            start = time.perf_counter()
+            try:
+                row = _load_part(part).run_seed(ctx, seed)
+            except PartUnavailable as err:  # a method this checkout does not have yet: say so, go on
+                out[part] = {"seed": seed, "skipped": str(err)}
+                continue
+            except Exception:  # noqa: BLE001 - keep the other parts' results; main reports it and fails
+                import traceback
+
+                out[part] = {"seed": seed, "error": traceback.format_exc()}
+                print(f"  [{part}, seed {seed}] FAILED:\n{out[part]['error']}", flush=True)
+                continue
+            row.update(seed=seed, part_seconds=round(time.perf_counter() - start, 1))
+            out[part] = row
+            print(f"  [{part}, seed {seed}] done in {row['part_seconds']:.0f} s", flush=True)
+    finally:
+        ctx.close()
+    return out
+
+
+def _run_unit_star(job):
+    return run_unit(*job)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(parser, default_threads=1)
     parser.add_argument("--part", choices=(*PARTS, "all"), default="all", help="which part to run (default all)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="worker processes, each running one seed of a group of parts (default 2: one per core)")
     args = parser.parse_args(argv)
     common.setup(args)
     out = common.output_dir(args)
     parts = PARTS if args.part == "all" else (args.part,)
-    sys.modules.setdefault("quality", sys.modules[__name__])  # the parts import this module's helpers
-    ctx = Context(args)
-    status = 0
+    sys.modules.setdefault("quality", sys.modules[__name__])
+    ctx = Context(args, load_tokenizer=False)
+    units = [(args, seed, tuple(p for p in group if p in parts)) for group in GROUPS for seed in ctx.seeds]
+    units = [u for u in units if u[2]]
+    ctx.jobs = max(1, min(args.jobs, len(units)))
+    start = time.perf_counter()
+    if ctx.jobs == 1:
+        results = [run_unit(*u) for u in units]
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(ctx.jobs) as pool:
+            results = list(pool.imap_unordered(_run_unit_star, units))
+    rows: dict[str, list[dict]] = {p: [] for p in parts}
+    for result in results:
+        for part, row in result.items():
+            rows[part].append(row)
+    failed = []
     try:
         for part in parts:
-            module = _load_part(part)
-            start = time.perf_counter()
-            print(f"== quality part {part} ==", flush=True)
-            try:
-                markdown, payload = module.run(ctx, lambda start=start: time.perf_counter() - start)
-            except PartUnavailable as err:  # a method this checkout does not have yet: say so, go on
-                markdown = (f"# Quality part {part}: not run\n\n`{_command(ctx, part)}`\n\n{err}\n")
-                payload = {"meta": common.machine_meta(_command(ctx, part)), "skipped": str(err)}
+            part_rows = sorted(rows[part], key=lambda r: r["seed"])
+            skipped = [r for r in part_rows if "skipped" in r]
+            if any("error" in r for r in part_rows):
+                failed.append(part)  # nothing written: a failed part must not overwrite good results
+                continue
+            if skipped:
+                markdown = f"# Quality part {part}: not run\n\n`{_command(ctx, part)}`\n\n{skipped[0]['skipped']}\n"
+                payload = {"meta": common.machine_meta(_command(ctx, part)), "skipped": skipped[0]["skipped"]}
+            else:
+                markdown, payload = _load_part(part).summarize(ctx, part_rows)
             print(markdown, flush=True)
             if out is not None:
                 md, js = common.write_results(out, f"quality_{part}", markdown, payload)
                 print(f"wrote {md} and {js}", flush=True)
     finally:
         ctx.close()
-    return status
+    print(f"quality: {', '.join(parts)} in {time.perf_counter() - start:.0f} s wall"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
 
 
 def _load_part(part: str):

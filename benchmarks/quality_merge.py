@@ -84,38 +84,38 @@ def _merged_peft(seed: int, dirs: dict[str, str], how: str):
     return model
 
 
-def run(ctx: Q.Context, elapsed) -> tuple[str, dict]:
+def run_seed(ctx: Q.Context, seed: int) -> dict[str, Any]:
     from moelora.data.suite import TASKS
 
-    seeds = []
-    for seed in ctx.seeds:
-        _, test = ctx.data(seed)
-        fly = flylora_adapters(ctx, seed)
-        lora = Q.task_adapters(ctx, seed)
-        single = {"flylora": fly["acc"], "lora": lora["acc"]}
-        merged = {"flylora mean (merge_flylora)": ("flylora", common.evaluate(_merged_flylora(ctx, seed, fly["dirs"]),
-                                                                             ctx.tok, test))}
-        for how, label in (("mean", "LoRA mean of ΔW (PEFT cat, w=1/6)"), ("linear", "LoRA PEFT linear (w=1/6)"),
-                           ("ties", f"LoRA PEFT ties (density {TIES_DENSITY}, w=1)")):
-            merged[label] = ("lora", common.evaluate(_merged_peft(seed, lora["dirs"], how), ctx.tok, test))
-        row = {"seed": seed, "single": single, "merged": {}, "retained": {},
-               "params": {"flylora": fly["params"], "lora": lora["params"]},
-               "seconds": {"flylora_adapters": round(fly["seconds"], 1), "lora_adapters": round(lora["seconds"], 1)}}
-        for label, (kind, acc) in merged.items():
-            row["merged"][label] = acc
-            ret = {t: acc[t] / single[kind][t] if single[kind][t] else float("nan") for t in TASKS}
-            ret["mean"] = sum(ret[t] for t in TASKS) / len(TASKS)
-            row["retained"][label] = ret
-        for kind, acc in single.items():
-            single[kind] = dict(acc, mean=sum(acc[t] for t in TASKS) / len(TASKS))
-        seeds.append(row)
-        print(f"  seed {seed}: " + ", ".join(f"{k}: {v['mean']:.3f}" for k, v in row["retained"].items()), flush=True)
-    return _markdown(ctx, seeds, elapsed()), {"meta": ctx.cache["meta"]["merge"], "budget": Q.budget_payload(ctx),
-                                              "flylora": {"rank": FLY_RANK, "top_k": FLY_K},
-                                              "ties_density": TIES_DENSITY, "seeds": seeds}
+    _, test = ctx.data(seed)
+    fly = flylora_adapters(ctx, seed)
+    lora = Q.task_adapters(ctx, seed)
+    single = {"flylora": fly["acc"], "lora": lora["acc"]}
+    merged = {"FlyLoRA mean of B (merge_flylora)": ("flylora", common.evaluate(_merged_flylora(ctx, seed, fly["dirs"]),
+                                                                                ctx.tok, test))}
+    for how, label in (("mean", "LoRA mean of ΔW (PEFT cat, w=1/6)"), ("linear", "LoRA PEFT linear (w=1/6)"),
+                       ("ties", f"LoRA PEFT ties (density {TIES_DENSITY}, w=1)")):
+        merged[label] = ("lora", common.evaluate(_merged_peft(seed, lora["dirs"], how), ctx.tok, test))
+    row = {"merged": {}, "retained": {}, "params": {"flylora": fly["params"], "lora": lora["params"]},
+           "seconds": {"flylora_adapters": round(fly["seconds"], 1), "lora_adapters": round(lora["seconds"], 1)}}
+    for label, (kind, acc) in merged.items():
+        row["merged"][label] = acc
+        ret = {t: acc[t] / single[kind][t] if single[kind][t] else float("nan") for t in TASKS}
+        ret["mean"] = sum(ret[t] for t in TASKS) / len(TASKS)
+        row["retained"][label] = ret
+    row["single"] = {kind: dict(acc, mean=sum(acc[t] for t in TASKS) / len(TASKS)) for kind, acc in single.items()}
+    print(f"  [merge, seed {seed}] retained: " + ", ".join(f"{k}: {v['mean']:.3f}" for k, v in row["retained"].items()),
+          flush=True)
+    return row
 
 
-def _markdown(ctx: Q.Context, seeds: list[dict], seconds: float) -> str:
+def summarize(ctx: Q.Context, seeds: list[dict]) -> tuple[str, dict]:
+    return _markdown(ctx, seeds), {"meta": ctx.cache["meta"]["merge"], "budget": Q.budget_payload(ctx),
+                                   "flylora": {"rank": FLY_RANK, "top_k": FLY_K}, "ties_density": TIES_DENSITY,
+                                   "seeds": seeds}
+
+
+def _markdown(ctx: Q.Context, seeds: list[dict]) -> str:
     b = ctx.budget
     s0 = seeds[0]
     intro = (
@@ -128,7 +128,7 @@ def _markdown(ctx: Q.Context, seeds: list[dict], seconds: float) -> str:
         "weights=[1/6]*6)`, exact), PEFT `linear` (averages the A and B factors separately, so cross terms "
         f"B_i·A_j appear), PEFT `ties` on the factors (density {TIES_DENSITY}, majority sign by total, weights 1). "
         "Merge settings are not tuned.")
-    lines = [Q.header(ctx, "Quality 2: merging per-task adapters (FlyLoRA vs vanilla LoRA)", "merge", intro, seconds)]
+    lines = [Q.header(ctx, "Quality 2: merging per-task adapters (FlyLoRA vs vanilla LoRA)", "merge", intro, seeds)]
     lines.append("\n## Single-task adapters (each on its own task)\n")
     lines.append(Q.acc_table([("FlyLoRA, own task", [s["single"]["flylora"] for s in seeds], ""),
                               ("LoRA, own task", [s["single"]["lora"] for s in seeds], "")]))

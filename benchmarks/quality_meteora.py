@@ -72,60 +72,64 @@ def _xlora_attempt(ctx: Q.Context, seed: int, dirs: dict[str, str]) -> dict[str,
     return {"ran": True, "model": model}
 
 
-def run(ctx: Q.Context, elapsed) -> tuple[str, dict]:
+def run_seed(ctx: Q.Context, seed: int) -> dict[str, Any]:
     import moelora
     from moelora.data.suite import TASKS
 
     b = ctx.budget
     mix_steps = len(TASKS) * b.task_steps + b.gate_steps
-    seeds: list[dict[str, Any]] = []
-    xlora = None
-    for seed in ctx.seeds:
-        train, test = ctx.data(seed)
-        adapters = Q.task_adapters(ctx, seed)
+    train, test = ctx.data(seed)
+    adapters = Q.task_adapters(ctx, seed)
 
-        fused = _fused_model(ctx, seed, adapters["dirs"])
-        gate_params = common.count_trainable(fused)
-        run = common.train(fused, ctx.tok, train, steps=b.gate_steps, batch_size=b.batch_size, lr=b.gate_lr,
-                           seed=seed, before_forward=lambda m, batch: moelora.set_task_ids(m, common.token_task_ids(batch)))
-        counter = RoutingCounter(fused, len(TASKS))
-        fused_acc = common.evaluate(fused, ctx.tok, test, after_forward=counter)
-        routing = counter.summary(TASKS)
+    fused = _fused_model(ctx, seed, adapters["dirs"])
+    gate_params = common.count_trainable(fused)
+    gate_losses: list[float] = []
 
-        def make_mix(s):
-            import peft
+    def gate_loss(model):
+        loss = moelora.aux_loss(model)
+        gate_losses.append(float(loss.detach()))
+        return loss
 
-            return peft.get_peft_model(common.fresh_model(s), Q.peft_lora_config())
+    run = common.train(fused, ctx.tok, train, steps=b.gate_steps, batch_size=b.batch_size, lr=b.gate_lr, seed=seed,
+                       before_forward=lambda m, batch: moelora.set_task_ids(m, common.token_task_ids(batch)),
+                       extra_loss=gate_loss)
+    counter = RoutingCounter(fused, len(TASKS))
+    fused_acc = common.evaluate(fused, ctx.tok, test, after_forward=counter)
+    routing = counter.summary(TASKS)
 
-        mix = Q.train_multitask(ctx, seed, "peft_lora_mix_same_total_steps", make_mix, steps=mix_steps)
+    def make_mix(s):
+        import peft
 
-        if xlora is None:
-            attempt = _xlora_attempt(ctx, seed, adapters["dirs"])
-            xlora = {k: v for k, v in attempt.items() if k != "model"}
-            if attempt["ran"]:  # not reached with peft 0.21.2 (see the results); kept honest if it ever does
-                xlora["note"] = "X-LoRA built on MiniLM; its training is not implemented in this benchmark"
-        seeds.append({"seed": seed, "oracle": adapters["acc"], "fused": fused_acc, "mix": mix["acc"],
-                      "routing": routing, "gate_seconds": round(run["seconds"], 1),
-                      "adapter_seconds": round(adapters["seconds"], 1), "mix_seconds": mix["seconds"],
-                      "gate_params": gate_params, "adapter_params": adapters["params"], "mix_params": mix["params"]})
-        print(f"  seed {seed}: fused {fused_acc['mean']:.3f}, oracle "
-              f"{sum(adapters['acc'].values()) / len(TASKS):.3f}, mix {mix['acc']['mean']:.3f}, "
-              f"routing {routing['overall']:.3f}", flush=True)
+        return peft.get_peft_model(common.fresh_model(s), Q.peft_lora_config())
 
-    for s in seeds:
-        s["oracle"] = dict(s["oracle"], mean=sum(s["oracle"][t] for t in TASKS) / len(TASKS))
-        s["ratio"] = {t: s["fused"][t] / s["oracle"][t] if s["oracle"][t] else float("nan") for t in TASKS}
-        s["ratio"]["mean"] = sum(s["ratio"][t] for t in TASKS) / len(TASKS)
-        s["routing_acc"] = dict(s["routing"]["per_task"], mean=s["routing"]["overall"])
-    return _markdown(ctx, seeds, xlora, mix_steps, elapsed()), {
-        "meta": ctx.cache["meta"]["meteora"], "budget": Q.budget_payload(ctx), "mix_steps": mix_steps,
-        "seeds": seeds, "xlora": xlora}
+    mix = Q.train_multitask(ctx, seed, "peft_lora_mix_same_total_steps", make_mix, steps=mix_steps)
+    attempt = _xlora_attempt(ctx, seed, adapters["dirs"])
+    xlora = {k: v for k, v in attempt.items() if k != "model"}
+    if attempt["ran"]:  # not reached with peft 0.21.2 (see the results); kept honest if it ever does
+        xlora["note"] = "X-LoRA built on MiniLM; its training is not implemented in this benchmark"
+    oracle = dict(adapters["acc"], mean=sum(adapters["acc"][t] for t in TASKS) / len(TASKS))
+    ratio = {t: fused_acc[t] / oracle[t] if oracle[t] else float("nan") for t in TASKS}
+    ratio["mean"] = sum(ratio[t] for t in TASKS) / len(TASKS)
+    tail = max(1, len(gate_losses) // 10)
+    print(f"  [meteora, seed {seed}] fused {fused_acc['mean']:.3f}, oracle {oracle['mean']:.3f}, "
+          f"mix {mix['acc']['mean']:.3f}, routing {routing['overall']:.3f}", flush=True)
+    return {"oracle": oracle, "fused": fused_acc, "mix": mix["acc"], "ratio": ratio, "routing": routing,
+            "routing_acc": dict(routing["per_task"], mean=routing["overall"]), "mix_steps": mix_steps,
+            "gate_loss": {"first": gate_losses[0] / 50.0, "last_10pct": sum(gate_losses[-tail:]) / tail / 50.0},
+            "gate_seconds": round(run["seconds"], 1), "adapter_seconds": round(adapters["seconds"], 1),
+            "mix_seconds": mix["seconds"], "gate_params": gate_params, "adapter_params": adapters["params"],
+            "mix_params": mix["params"], "xlora": xlora}
 
 
-def _markdown(ctx: Q.Context, seeds: list[dict], xlora: dict | None, mix_steps: int, seconds: float) -> str:
+def summarize(ctx: Q.Context, seeds: list[dict]) -> tuple[str, dict]:
+    return _markdown(ctx, seeds), {"meta": ctx.cache["meta"]["meteora"], "budget": Q.budget_payload(ctx),
+                                   "seeds": seeds}
 
+
+def _markdown(ctx: Q.Context, seeds: list[dict]) -> str:
     b = ctx.budget
     s0 = seeds[0]
+    xlora, mix_steps = s0["xlora"], s0["mix_steps"]
     intro = (
         "Six real PEFT LoRA adapters (`peft.LoraConfig(r=8, lora_alpha=16, target_modules=[query, key, value, "
         f"dense])`, `get_peft_model`, `save_pretrained`), one per task, each trained on its task alone for "
@@ -134,10 +138,13 @@ def _markdown(ctx: Q.Context, seeds: list[dict], xlora: dict | None, mix_steps: 
         "interchangeable and fusable). Fused with `moelora.from_lora_adapters(model, dirs, "
         "MeteoRAConfig(top_k=2, gate_loss_coef=50))`; only the gates are trained "
         f"({s0['gate_params']:,} parameters), {b.gate_steps} steps at lr {b.gate_lr:g} on the task mix with "
-        "per-token task ids (`moelora.set_task_ids`, every real token of an example gets its task's id; "
-        "padding is not supervised). Evaluation routes by the gates alone (no task ids).")
+        "per-token task ids (`moelora.set_task_ids`: every real token of an example gets its task's id, the "
+        "pooler's gate the sequence's; "
+        "padding is not supervised). Evaluation routes by the gates alone (no task ids). Gate cross-entropy "
+        "(the supervision term / 50) at the start and over the last 10% of gate steps: "
+        + ", ".join(f"{s['gate_loss']['first']:.2f} → {s['gate_loss']['last_10pct']:.3f}" for s in seeds) + ".")
     lines = [Q.header(ctx, "Quality 1: MeteoRA (fused off-the-shelf LoRAs) on the bundled suite", "meteora",
-                      intro, seconds)]
+                      intro, seeds)]
     lines.append("\n## Accuracy per task\n")
     rows = [("own adapter per task (oracle)", [s["oracle"] for s in seeds], f"{s0['adapter_params']:,} × 6"),
             ("**MeteoRA fused, gates trained**", [s["fused"] for s in seeds], f"{s0['gate_params']:,} (gates)"),

@@ -37,28 +37,29 @@ def _activation(model) -> dict[str, Any]:
             for t, v in per_type.items()}
 
 
-def run(ctx: Q.Context, elapsed) -> tuple[str, dict]:
+def run_seed(ctx: Q.Context, seed: int) -> dict[str, Any]:
     import moelora
 
     if not hasattr(moelora, "MoAConfig"):
         raise Q.PartUnavailable("moelora.MoAConfig is not available in this checkout (MoA, issue 6)")
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for seed in ctx.seeds:
-        results = {}
-        for variant in ("soft", "sparse"):
-            res = Q.train_multitask(ctx, seed, f"moa_{variant}", Q.moelora_model(lambda s, v=variant: moa_config(s, v)),
-                                    after_eval=lambda m: {"moa_types": _activation(m)})
-            results[f"MoA {variant}"] = res
-        results.update(S.baselines(ctx, seed))
-        for label, res in results.items():
-            rows.setdefault(label, []).append(dict(res, seed=seed))
-        print(f"  seed {seed}: " + ", ".join(f"{k.split(' (')[0]} {v['acc']['mean']:.3f}" for k, v in results.items()),
-              flush=True)
-    return _markdown(ctx, rows, elapsed()), {"meta": ctx.cache["meta"]["moa"], "budget": Q.budget_payload(ctx),
-                                             "moa": {"rank": MOA_RANK, "alpha": MOA_ALPHA}, "rows": rows}
+    results = {}
+    for variant in ("soft", "sparse"):
+        results[f"MoA {variant}"] = Q.train_multitask(
+            ctx, seed, f"moa_{variant}", Q.moelora_model(lambda s, v=variant: moa_config(s, v)),
+            after_eval=lambda m: {"moa_types": _activation(m)})
+    results.update(S.baselines(ctx, seed))
+    print(f"  [moa, seed {seed}] " + ", ".join(f"{k.split(' (')[0]} {v['acc']['mean']:.3f}" for k, v in results.items()),
+          flush=True)
+    return {"results": results}
 
 
-def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seconds: float) -> str:
+def summarize(ctx: Q.Context, seeds: list[dict]) -> tuple[str, dict]:
+    rows = S._by_setting(seeds)
+    return _markdown(ctx, rows, seeds), {"meta": ctx.cache["meta"]["moa"], "budget": Q.budget_payload(ctx),
+                                         "moa": {"rank": MOA_RANK, "alpha": MOA_ALPHA}, "rows": rows}
+
+
+def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) -> str:
     b = ctx.budget
     intro = (
         f"All settings train on the six-task mix for {b.mix_steps} steps with a trainable classifier head (not "
@@ -69,7 +70,7 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seconds: float) -> st
         "token's threshold σ(w·x+b)·0.5 (threshold network untrained, as the official code). LoRA: rank 8 "
         "on query, key, value and every dense (incl. the pooler). MoE-LoRA: 4 experts of rank 2, top-2, on the "
         "same modules (both as in part 3). α/r = 2 everywhere.")
-    lines = [Q.header(ctx, "Quality 4: MoA soft / sparse vs MoE-LoRA vs LoRA", "moa", intro, seconds)]
+    lines = [Q.header(ctx, "Quality 4: MoA soft / sparse vs MoE-LoRA vs LoRA", "moa", intro, seeds)]
     lines.append("\n## Accuracy on the mix\n")
     table = [(label, [r["acc"] for r in runs], f"{runs[0]['params']:,}") for label, runs in rows.items()]
     lines.append(Q.acc_table(table, extra_header="trainable params"))

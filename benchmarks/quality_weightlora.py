@@ -46,7 +46,7 @@ def _kind(name: str) -> str:
     return name
 
 
-def run(ctx: Q.Context, elapsed) -> tuple[str, dict]:
+def run_seed(ctx: Q.Context, seed: int) -> dict[str, Any]:
     import moelora
 
     if not hasattr(moelora, "WeightLoRAConfig"):
@@ -55,48 +55,51 @@ def run(ctx: Q.Context, elapsed) -> tuple[str, dict]:
     heads = num_heads()
     keep = max(1, round(heads / 4))
     warmup = max(1, ctx.budget.mix_steps // 3)
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for seed in ctx.seeds:
-        results = {}
-        for plus in (False, True):
-            label = f"WeightLoRA{'+' if plus else ''} (K={keep} of {heads} heads)"
+    results = {}
+    for plus in (False, True):
+        label = f"WeightLoRA{'+' if plus else ''} (K={keep} of {heads} heads)"
 
-            def config(s, plus=plus):
-                return moelora.WeightLoRAConfig(target_modules=list(Q.TARGETS), modules_to_save=["classifier"],
-                                                rank=8, alpha=16.0, keep=keep, warmup_steps=warmup, plus=plus,
-                                                seed=s)
+        def config(s, plus=plus):
+            return moelora.WeightLoRAConfig(target_modules=list(Q.TARGETS), modules_to_save=["classifier"],
+                                            rank=8, alpha=16.0, keep=keep, warmup_steps=warmup, plus=plus, seed=s)
 
-            holder: dict[str, Any] = {}
+        holder: dict[str, Any] = {}
 
-            def hook(step, model, opt, holder=holder):
-                if "ctl" not in holder:
-                    holder["ctl"] = wl.WeightLoRAController(model)
-                    holder["start_params"] = common.count_trainable(model, exclude_head=True)
-                event = holder["ctl"].step(opt)
-                if event in ("disconnect", "expand"):
-                    holder["event_step"] = step
+        def hook(step, model, opt, holder=holder):
+            if "ctl" not in holder:
+                holder["ctl"] = wl.WeightLoRAController(model)
+                holder["start_params"] = common.count_trainable(model, exclude_head=True)
+            event = holder["ctl"].step(opt)
+            if event in ("disconnect", "expand"):
+                holder["event_step"] = step
 
-            def after(model, holder=holder):
-                cfg = wl.weightlora_config(model)
-                kept = [layer.name for layer in wl.gated_layers(model)]
-                ranks = sorted({int(r) for layer in wl.gated_layers(model) for r in layer.bank.ranks})
-                return {"warmup_params": holder.get("start_params"), "stage": cfg.stage, "kept": kept,
-                        "kept_ranks": ranks, "disconnected_at": holder.get("event_step")}
+        def after(model, holder=holder):
+            cfg = wl.weightlora_config(model)
+            kept = [layer.name for layer in wl.gated_layers(model)]
+            ranks = sorted({int(r) for layer in wl.gated_layers(model) for r in layer.bank.ranks})
+            return {"warmup_params": holder.get("start_params"), "stage": cfg.stage, "kept": kept,
+                    "kept_ranks": ranks, "disconnected_at": holder.get("event_step")}
 
-            results[label] = Q.train_multitask(ctx, seed, f"weightlora_{'plus' if plus else 'plain'}",
-                                               Q.moelora_model(config), step_hook=hook,
-                                               params_fn=lambda m: wl.param_groups(m), after_train=after)
-        results["LoRA r=8 (all heads)"] = S.baselines(ctx, seed)["LoRA r=8"]
-        for label, res in results.items():
-            rows.setdefault(label, []).append(dict(res, seed=seed))
-        print(f"  seed {seed}: " + ", ".join(f"{k} {v['acc']['mean']:.3f}" for k, v in results.items()), flush=True)
-    return _markdown(ctx, rows, heads, keep, warmup, elapsed()), {
-        "meta": ctx.cache["meta"]["weightlora"], "budget": Q.budget_payload(ctx), "heads": heads, "keep": keep,
-        "warmup_steps": warmup, "rows": rows}
+        results[label] = Q.train_multitask(ctx, seed, f"weightlora_{'plus' if plus else 'plain'}",
+                                           Q.moelora_model(config), step_hook=hook,
+                                           params_fn=lambda m: wl.param_groups(m), after_train=after)
+    results["LoRA r=8 (all heads)"] = S.baselines(ctx, seed)["LoRA r=8"]
+    print(f"  [weightlora, seed {seed}] " + ", ".join(f"{k} {v['acc']['mean']:.3f}" for k, v in results.items()),
+          flush=True)
+    return {"results": results, "heads": heads, "keep": keep, "warmup_steps": warmup}
 
 
-def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], heads: int, keep: int, warmup: int, seconds: float) -> str:
+def summarize(ctx: Q.Context, seeds: list[dict]) -> tuple[str, dict]:
+    rows = S._by_setting(seeds)
+    s0 = seeds[0]
+    return _markdown(ctx, rows, seeds), {
+        "meta": ctx.cache["meta"]["weightlora"], "budget": Q.budget_payload(ctx), "heads": s0["heads"],
+        "keep": s0["keep"], "warmup_steps": s0["warmup_steps"], "rows": rows}
+
+
+def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) -> str:
     b = ctx.budget
+    heads, keep, warmup = seeds[0]["heads"], seeds[0]["keep"], seeds[0]["warmup_steps"]
     intro = (
         f"All settings train on the six-task mix for {b.mix_steps} steps with a trainable classifier head (not "
         "counted below), rank 8, α 16, on query, key, value and dense (the heads). WeightLoRA: "
@@ -106,7 +109,7 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], heads: int, keep: int
         "the kept heads' rank to re-spend the freed parameters), driven by `WeightLoRAController.step(opt)` after "
         "every optimizer step, ω in its own parameter group at the LoRA lr (`weightlora.param_groups`). "
         "LoRA: rank 8 on every head (the same run as parts 3 and 4).")
-    lines = [Q.header(ctx, "Quality 5: WeightLoRA / WeightLoRA+ vs LoRA on all heads", "weightlora", intro, seconds)]
+    lines = [Q.header(ctx, "Quality 5: WeightLoRA / WeightLoRA+ vs LoRA on all heads", "weightlora", intro, seeds)]
     lines.append("\n## Accuracy on the mix\n")
     table = []
     for label, runs in rows.items():
