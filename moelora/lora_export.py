@@ -117,7 +117,7 @@ class _Source:
 
 def _model_source(model: nn.Module) -> _Source:
     state = get_state(model)
-    refuse_static(state.config, "export a FlyLoRA model as static PEFT LoRA adapters")
+    refuse_static(state.config, "export it as static PEFT LoRA adapters")
     banks = [_Bank(layer.name, tuple(layer.bank.ranks), layer.bank.scale.detach(), layer.bank.A.detach(),
                    layer.bank.Bt.detach(), type(layer.base_layer).__name__ == "Conv1D")
              for layer in wrapped_layers(model)]
@@ -274,7 +274,7 @@ def _saved_source(path: str | os.PathLike) -> _Source:
     directory = Path(path)
     meta = read_adapter_meta(directory)
     config = config_from_dict(meta["config"])
-    refuse_static(config, f"export the FlyLoRA adapter {directory} as static PEFT LoRA adapters")
+    refuse_static(config, f"export the adapter {directory} as static PEFT LoRA adapters")
     modules = meta.get("modules") or {}
     weights_file = directory / WEIGHTS_NAME
     banks = []

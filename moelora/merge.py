@@ -25,16 +25,14 @@ from .state import get_state
 def refuse_static(config: MoELoRAConfig, action: str) -> None:
     """Raise when ``config``'s method has an input-dependent delta that ``action`` would make static.
 
-    Methods declare this with a class attribute ``foldable = False`` (FlyLoRA).
+    A method declares this with a class attribute ``static_refusal``: the reason its delta is not
+    a fixed matrix and what to do instead (FlyLoRA, MoA). ``None`` (the default) allows it.
     """
-    if getattr(config, "foldable", True):
+    reason = getattr(config, "static_refusal", None)
+    if reason is None:
         return
-    raise ValueError(
-        f"cannot {action}: a {type(config).__name__} adapter is not a fixed weight delta. Each token uses "
-        "only its top-k ranks, chosen from A·x, so folding B·A (or exporting it as a plain LoRA) would apply "
-        "all ranks to every token and change the model's outputs. Keep it as an adapter "
-        "(moelora.save_adapter / moelora.load_adapter); to combine FlyLoRA task adapters, average them with "
-        "moelora.merge_flylora([dirs], out_dir=...). The model was not changed.")
+    raise ValueError(f"cannot {action}: a {type(config).__name__} adapter is not a fixed weight delta. "
+                     f"{reason} The model was not changed.")
 
 
 def merge_into_base(model: nn.Module) -> nn.Module:
@@ -51,7 +49,7 @@ def merge_into_base(model: nn.Module) -> nn.Module:
     """
     state = get_state(model)
     config = state.config
-    refuse_static(config, "merge a FlyLoRA adapter into the base weights")
+    refuse_static(config, "merge it into the base weights")
     if type(config) is not MoELoRAConfig or config.num_experts != 1:
         raise ValueError(
             f"cannot merge a {type(config).__name__} adapter with num_experts={config.num_experts} into the base "

@@ -109,6 +109,21 @@ def test_save_load_reproduces_outputs(arch, tmp_path, token_ids):
     assert saved and all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
 
 
+def test_export_and_merge_are_refused(tmp_path, token_ids):
+    """A MoA delta is router-weighted per token and partly not LoRA: no static LoRA equals it."""
+    model = moelora.inject(tiny_llama(), moelora.MoAConfig(seed=0))
+    perturb(model)
+    with torch.no_grad():
+        want = model(token_ids).logits
+    for action in (lambda: moelora.export_lora_adapters(model, tmp_path / "peft"),
+                   lambda: moelora.merge_into_base(model)):
+        with pytest.raises(ValueError, match="MoAConfig adapter is not a fixed weight delta"):
+            action()
+    assert not (tmp_path / "peft").exists()
+    with torch.no_grad():
+        assert torch.equal(model(token_ids).logits, want)
+
+
 def test_config_defaults_validation_and_round_trip():
     cfg = moelora.MoAConfig()
     assert cfg.type_names == ["q", "k", "v", "o", "down", "adapter"]

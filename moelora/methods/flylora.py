@@ -66,9 +66,12 @@ class FlyLoRAConfig(MoELoRAConfig):
     """
 
     method: ClassVar[str] = "flylora"
-    #: A FlyLoRA delta is not a fixed matrix (the top-k mask depends on x): never fold it into the
-    #: base weights or export it as a static PEFT LoRA (see moelora.merge.refuse_static).
-    foldable: ClassVar[bool] = False
+    #: Never folded into the base weights or exported as a static PEFT LoRA (moelora.merge.refuse_static).
+    static_refusal: ClassVar[str | None] = (
+        "Each token uses only its top-k ranks, chosen from A·x, so folding B·A (or exporting it as a plain "
+        "LoRA) would apply all ranks to every token and change the model's outputs. Keep it as an adapter "
+        "(moelora.save_adapter / moelora.load_adapter); to combine FlyLoRA task adapters, average them with "
+        "moelora.merge_flylora([dirs], out_dir=...).")
 
     rank: int = 32
     """r: rank-1 experts per wrapped linear (the official MMLU run: 32)."""

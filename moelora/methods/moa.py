@@ -64,6 +64,12 @@ class MoAConfig(MoELoRAConfig):
     """
 
     method: ClassVar[str] = "moa"
+    #: Never folded into the base weights or exported as static PEFT LoRAs (moelora.merge.refuse_static).
+    static_refusal: ClassVar[str | None] = (
+        "Every LoRA of a block is scaled per token by its router's weight (and, under Sparse MoA, runs only "
+        "above the token's threshold), and the parallel and prompt experts are not LoRAs at all, so one "
+        "static LoRA (or merged weights) would change the model's outputs. Keep it as an adapter "
+        "(moelora.save_adapter / moelora.load_adapter).")
 
     target_modules: list[str] | str | None = None
     """Not used by MoA (must stay null): experts are placed by ``lora_types`` / ``type_modules``."""
