@@ -59,7 +59,7 @@ class OmegaRouter(nn.Module):
         size = num_experts if over == "experts" else 1
         self.omega = nn.Parameter(torch.full((size,), float(omega_init), dtype=torch.float32))
         self.register_buffer("active", torch.ones(num_experts if over == "experts" else 1, dtype=torch.bool))
-        self._active_cache: tuple[int, list[int] | None] | None = None
+        self._active_cache: tuple[tuple[int, int], list[int] | None] | None = None
         #: Names of the bank's experts (dashboard); set by whoever knows them (MeteoRA adapter names).
         self.expert_names: list[str] | None = None
 
@@ -80,7 +80,7 @@ class OmegaRouter(nn.Module):
     def active_experts(self) -> list[int] | None:
         """Indices of the active experts, or ``None`` when all are active (host-side, cached by
         the buffer's version so a forward does not read the device)."""
-        key = self.active._version
+        key = (id(self.active), self.active._version)  # a new buffer (load with assign, .to()) or an in-place write
         if self._active_cache is None or self._active_cache[0] != key:
             flags = self.active.tolist()
             self._active_cache = (key, None if all(flags) else [i for i, f in enumerate(flags) if f])
