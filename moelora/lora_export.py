@@ -118,11 +118,20 @@ class _Source:
 def _model_source(model: nn.Module) -> _Source:
     state = get_state(model)
     refuse_static(state.config, "export it as static PEFT LoRA adapters")
-    banks = [_Bank(layer.name, tuple(layer.bank.ranks), layer.bank.scale.detach(), layer.bank.A.detach(),
-                   layer.bank.Bt.detach(), type(layer.base_layer).__name__ == "Conv1D")
+    banks = [_Bank(layer.name, tuple(layer.bank.ranks),
+                   _with_omega(layer.bank.scale.detach(), getattr(layer.router, "omega", None)),
+                   layer.bank.A.detach(), layer.bank.Bt.detach(), type(layer.base_layer).__name__ == "Conv1D")
              for layer in wrapped_layers(model)]
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return _Source(banks, state.config, expert_names(model), base)
+
+
+def _with_omega(scale: Tensor, omega: Tensor | None) -> Tensor:
+    """Per-expert output scales ``[E]`` with WeightLoRA's ω (``[1]`` per head or ``[E]`` per expert)
+    folded in, so an exported expert computes what it computes in the model."""
+    if omega is None:
+        return scale
+    return scale * omega.detach().to(scale.device, scale.dtype).expand_as(scale)
 
 
 def _check_out_dir(directory: Path, overwrite: bool) -> None:
@@ -294,7 +303,8 @@ def _saved_source(path: str | os.PathLike) -> _Source:
                     got[part] = f.get_tensor(key)
                     if not torch.isfinite(got[part]).all():
                         raise ValueError(f"{weights_file}: {key} holds NaN/inf; the adapter is broken.")
-                banks.append(_Bank(name, ranks, got["scale"], got["A"], got["Bt"]))
+                omega = f.get_tensor(f"{name}.router.omega") if f"{name}.router.omega" in keys else None
+                banks.append(_Bank(name, ranks, _with_omega(got["scale"], omega), got["A"], got["Bt"]))
     except SafetensorError as err:
         raise ValueError(f"{weights_file} is corrupt or truncated ({err}).") from err
     if not banks or len({len(b.ranks) for b in banks}) != 1:

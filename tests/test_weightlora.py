@@ -324,3 +324,21 @@ def test_fold_omega_then_export_gives_a_peft_lora_of_the_kept_heads(tmp_path, to
     (path,) = moelora.export_lora_adapters(model, tmp_path).values()
     reference = peft.PeftModel.from_pretrained(tiny_llama(), str(path)).eval()
     torch.testing.assert_close(logits(reference, token_ids), want, atol=1e-5, rtol=0)
+
+
+def test_export_folds_omega_itself_from_the_model_and_from_a_saved_adapter(tmp_path, token_ids):
+    """ω ≠ 1 is part of each head's delta: an export that dropped it would not be the model."""
+    peft = pytest.importorskip("peft")
+    from moelora.lora_export import export_saved_adapter
+
+    model = gated(keep=2, plus=False)
+    randomize(model)
+    weightlora.disconnect(model)
+    assert any(float(w.max()) != 1.0 for w in weightlora.omega_values(model).values())
+    want = logits(model, token_ids)
+    moelora.save_adapter(model, tmp_path / "saved")
+    exported = [next(iter(moelora.export_lora_adapters(model, tmp_path / "live").values())),
+                next(iter(export_saved_adapter(tmp_path / "saved", tmp_path / "offline").values()))]
+    for path in exported:
+        reference = peft.PeftModel.from_pretrained(tiny_llama(), str(path)).eval()
+        torch.testing.assert_close(logits(reference, token_ids), want, atol=1e-5, rtol=0)

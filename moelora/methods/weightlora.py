@@ -319,7 +319,8 @@ def record_gates(model: nn.Module) -> dict[str, dict]:
 def fold_omega(model: nn.Module) -> None:
     """After training: fold every ω into its experts' output scales (``scale_e ← ω · scale_e``) and
     set ω to 1, in place. The outputs do not change, and each bank alone then holds its head's
-    delta, which is what :func:`moelora.export_lora_adapters` (which does not read ω) exports.
+    delta (what any tool reading only the banks sees; :func:`moelora.export_lora_adapters` folds ω
+    itself, so exporting does not need this).
     Not during the warm-up: with every ω at 1, thresholding would choose by position."""
     for layer in gated_layers(model):
         gate, bank = layer.router, layer.bank
