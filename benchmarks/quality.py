@@ -96,10 +96,23 @@ class Context:
 
 
 # ------------------------------------------------------------------------ per-task PEFT LoRA adapters
-def peft_lora_config(rank: int = 8, alpha: float = 16.0):
+def peft_lora_config(rank: int = 8, alpha: float = 16.0, modules_to_save: list[str] | None = None):
     import peft
 
-    return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGETS), lora_dropout=0.0)
+    return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGETS), lora_dropout=0.0,
+                           modules_to_save=modules_to_save)
+
+
+def peft_lora_model(rank: int = 8):
+    """``make_model`` for :func:`train_multitask`: a real PEFT LoRA (α = 2r) with a trainable head."""
+
+    def make(seed: int):
+        import peft
+
+        return peft.get_peft_model(common.fresh_model(seed),
+                                   peft_lora_config(rank, 2.0 * rank, modules_to_save=["classifier"]))
+
+    return make
 
 
 def task_adapters(ctx: Context, seed: int) -> dict[str, Any]:
@@ -196,7 +209,8 @@ def moelora_model(config_factory):
 
 
 def lora_config(seed: int, rank: int = 8):
-    """Plain LoRA in moelora form (one expert, top-1: exactly a PEFT LoRA, tests/test_peft_parity.py)."""
+    """Plain LoRA in moelora form (one expert, top-1: exactly a PEFT LoRA, tests/test_peft_parity.py;
+    but its one-output router counts as trainable, so the baselines use :func:`peft_lora_model`)."""
     import moelora
 
     return moelora.MoELoRAConfig(target_modules=list(TARGETS), modules_to_save=["classifier"], num_experts=1,
@@ -223,7 +237,8 @@ def acc_table(rows: list[tuple[str, list[dict], str]], *, tasks=None, extra_head
 
     tasks = tasks or TASKS
     head = "| setting | " + " | ".join(tasks) + " | mean |" + (f" {extra_header} |" if extra_header else "")
-    lines = [head, "|" + "---|" * (len(tasks) + 2 + (1 if extra_header else 0))]
+    extra_cols = extra_header.count("|") + 1 if extra_header else 0
+    lines = [head, "|" + "---|" * (len(tasks) + 2 + extra_cols)]
     for label, accs, extra in rows:
         cells = " | ".join(common.fmt_ms([a[t] for a in accs]) for t in tasks)
         mean = common.fmt_ms([a["mean"] for a in accs])
@@ -239,7 +254,10 @@ def header(ctx: Context, title: str, part: str, intro: str, rows: list[dict]) ->
     times = ", ".join(f"{r['part_seconds']:.0f}" for r in rows)
     par = (f"; the seeds ran in {ctx.jobs} parallel processes of {ctx.args.threads} torch thread(s) each"
            if ctx.jobs > 1 else f"; {ctx.args.threads} torch thread(s)")
-    return (f"# {title}\n\n{mode}`{meta['command']}`\n\n{intro}\n\n"
+    alone = "" if ctx.args.part != "all" else (
+        f" (every part in one run, {ctx.cache.get('total_wall', 0):.0f} s wall in all; this part alone: "
+        f"`--part {part}`)")
+    return (f"# {title}\n\n{mode}`{meta['command']}`{alone}\n\n{intro}\n\n"
             f"- Seeds: {', '.join(str(r['seed']) for r in rows)} (each seed: its own data, initialisation and "
             f"adapters); cells are mean ± spread (half the range) over seeds.\n"
             f"- Budget: {ctx.budget.line()}.\n"
@@ -248,8 +266,9 @@ def header(ctx: Context, title: str, part: str, intro: str, rows: list[dict]) ->
 
 
 def _command(ctx: Context, part: str) -> str:
+    """The command of this run (``--part all`` is the default and left out)."""
     args = ctx.args
-    bits = ["python -P benchmarks/quality.py", f"--part {part}"]
+    bits = ["python -P benchmarks/quality.py"] + ([] if args.part == "all" else [f"--part {part}"])
     if args.quick:
         bits.append("--quick")
     if args.seeds != common.parse_seeds("0,1,2"):
@@ -325,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with mp.get_context("spawn").Pool(ctx.jobs) as pool:
             results = list(pool.imap_unordered(_run_unit_star, units))
+    ctx.cache["total_wall"] = time.perf_counter() - start
     rows: dict[str, list[dict]] = {p: [] for p in parts}
     for result in results:
         for part, row in result.items():

@@ -67,8 +67,8 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) ->
         "otherwise the official defaults: LoRA experts on q, k, v, o (attention output) and down (FFN output) "
         "of every block, a parallel adapter (size 16) beside every FFN, a SwiGLU router (factor 4) with sigmoid "
         "weights reading the block input; sparse: a type runs for a token only where its weight ≥ the "
-        "token's threshold σ(w·x+b)·0.5 (threshold network untrained, as the official code). LoRA: rank 8 "
-        "on query, key, value and every dense (incl. the pooler). MoE-LoRA: 4 experts of rank 2, top-2, on the "
+        "token's threshold σ(w·x+b)·0.5 (threshold network untrained, as the official code). LoRA: a PEFT LoRA of "
+        "rank 8 on query, key, value and every dense (incl. the pooler). MoE-LoRA: 4 experts of rank 2, top-2, on the "
         "same modules (both as in part 3). α/r = 2 everywhere.")
     lines = [Q.header(ctx, "Quality 4: MoA soft / sparse vs MoE-LoRA vs LoRA", "moa", intro, seeds)]
     lines.append("\n## Accuracy on the mix\n")

@@ -1,8 +1,9 @@
 """Quality part 3: SiRA vs plain LoRA vs MoE-LoRA top-k at matched trainable parameters, trained on
 the whole task mix, with capacity-factor and expert-dropout ablations.
 
-Matched parameters: the LoRA has rank 8; the MoE-LoRA and SiRA have 4 experts of rank 2 (total
-rank 8, top-2) plus a router ``Linear(d_in, 4)`` per wrapped linear (~9% more parameters).
+Matched parameters: the MoE-LoRA and SiRA have 4 experts of rank 2 (total rank 8, top-2) plus a
+router ``Linear(d_in, 4)`` per wrapped linear; a rank-8 LoRA has the same expert parameters, a
+rank-10 LoRA the same total (experts + routers: the routers add exactly 25% on MiniLM).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ SIRA_DEFAULT = {"capacity_factor": 1.25, "expert_dropout": 0.1}
 #: (label, SiRAConfig overrides); the first is the default, the others change one field each.
 VARIANTS = [
     ("SiRA (capacity 1.25, expert dropout 0.1: the defaults)", {}),
+    ("SiRA, capacity 1.0", {"capacity_factor": 1.0}),
     ("SiRA, no capacity limit", {"capacity_factor": None, "eval_capacity_factor": None}),
     ("SiRA, no expert dropout", {"expert_dropout": 0.0}),
 ]
@@ -34,7 +36,7 @@ def sira_config(seed: int, **overrides):
 def baselines(ctx: Q.Context, seed: int) -> dict[str, dict]:
     """Plain LoRA r=8 and MoE-LoRA top-2 (E=4, r=2) on the mix (shared with parts 4 and 5)."""
     return {
-        "LoRA r=8": Q.train_multitask(ctx, seed, "lora_r8", Q.moelora_model(Q.lora_config)),
+        "LoRA r=8": Q.train_multitask(ctx, seed, "peft_lora_r8", Q.peft_lora_model(8)),
         f"MoE-LoRA top-{K} (E={E}, r={R}, aux 0.01)": Q.train_multitask(
             ctx, seed, "moe_e4_r2_k2", Q.moelora_model(lambda s: Q.moe_config(s, num_experts=E, rank=R, top_k=K))),
     }
@@ -42,6 +44,7 @@ def baselines(ctx: Q.Context, seed: int) -> dict[str, dict]:
 
 def run_seed(ctx: Q.Context, seed: int) -> dict[str, Any]:
     results = dict(baselines(ctx, seed))
+    results["LoRA r=10 (total params matched)"] = Q.train_multitask(ctx, seed, "peft_lora_r10", Q.peft_lora_model(10))
     for i, (label, overrides) in enumerate(VARIANTS):
         results[label] = Q.train_multitask(ctx, seed, f"sira_{i}",
                                            Q.moelora_model(lambda s, o=overrides: sira_config(s, **o)))
@@ -70,7 +73,9 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) ->
     intro = (
         f"All settings train on the six-task mix for {b.mix_steps} steps with a trainable classifier head "
         "(`modules_to_save=[\"classifier\"]`, not counted below) and adapters on query, key, value and dense, "
-        "α/r = 2. LoRA: rank 8 (moelora with one expert, identical to a PEFT LoRA). MoE-LoRA: "
+        "α/r = 2. LoRA: a real PEFT LoRA (`LoraConfig(r, lora_alpha=2r, modules_to_save=[\"classifier\"])`), "
+        "rank 8 (the experts' total rank) and rank 10 (the MoE's total trainable parameters, routers included). "
+        "MoE-LoRA: "
         f"`MoELoRAConfig(num_experts={E}, rank={R}, top_k={K}, aux_loss_coef=0.01)`. SiRA: "
         f"`SiRAConfig(num_experts={E}, rank={R}, top_k={K})` with its defaults (capacity factor 1.25 in "
         "training and 2.0 in eval, min capacity 4, position drop policy, expert dropout 0.1 on the gate "
@@ -86,16 +91,16 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) ->
                  f"{common.fmt_ms([x['eval_drop'] for x in routing], 3)}") if routing else "–"
         table.append((label, [r["acc"] for r in runs], f"{runs[0]['params']:,} | {drops}"))
     lines.append(Q.acc_table(table, extra_header="trainable params | dropped slots train / eval"))
-    lora = common.mean_spread([r["acc"]["mean"] for r in rows["LoRA r=8"]])[0]
-    moe_label = next(k for k in rows if k.startswith("MoE-LoRA"))
-    moe = common.mean_spread([r["acc"]["mean"] for r in rows[moe_label]])[0]
-    sira = common.mean_spread([r["acc"]["mean"] for r in rows[VARIANTS[0][0]]])[0]
+    means = {label: common.mean_spread([r["acc"]["mean"] for r in runs])[0] for label, runs in rows.items()}
+    sira = means[VARIANTS[0][0]]
+    baselines = {k: v for k, v in means.items() if k.startswith(("LoRA", "MoE-LoRA"))}
     spread = max(common.mean_spread([r["acc"]["mean"] for r in runs])[1] for runs in rows.values())
+    beaten = [k for k, v in baselines.items() if sira > v]
     lines.append(
-        f"\nMean accuracy: SiRA {sira:.3f}, LoRA {lora:.3f}, MoE-LoRA {moe:.3f}. SiRA "
-        f"{'beats' if sira > max(lora, moe) else 'does not beat'} both baselines at this budget"
-        + (f"; differences smaller than the seed spread (up to ±{spread:.3f}) are not meaningful." if len(
-            next(iter(rows.values()))) > 1 else ".") + "\n")
+        f"\nMean accuracy: SiRA {sira:.3f}; " + ", ".join(f"{k.split(' (')[0]} {v:.3f}" for k, v in baselines.items())
+        + f". SiRA {'beats every baseline' if len(beaten) == len(baselines) else 'does not beat every baseline'} "
+        "at this budget" + (f"; differences smaller than the seed spread (up to ±{spread:.3f}) are not meaningful."
+                            if len(next(iter(rows.values()))) > 1 else ".") + "\n")
     lines.append("\n## Cost\n\n| setting | train s per seed |\n|---|---|")
     for label, runs in rows.items():
         lines.append(f"| {label} | {', '.join(str(r['seconds']) for r in runs)} |")

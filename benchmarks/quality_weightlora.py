@@ -108,7 +108,7 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) ->
         f"{max(1, warmup // 2)} to {warmup}, then the heads with ω = 0 are disconnected; WeightLoRA+ then raises "
         "the kept heads' rank to re-spend the freed parameters), driven by `WeightLoRAController.step(opt)` after "
         "every optimizer step, ω in its own parameter group at the LoRA lr (`weightlora.param_groups`). "
-        "LoRA: rank 8 on every head (the same run as parts 3 and 4).")
+        "LoRA: a PEFT LoRA of rank 8 on every head (the same run as parts 3 and 4).")
     lines = [Q.header(ctx, "Quality 5: WeightLoRA / WeightLoRA+ vs LoRA on all heads", "weightlora", intro, seeds)]
     lines.append("\n## Accuracy on the mix\n")
     table = []
