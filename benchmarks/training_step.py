@@ -127,7 +127,8 @@ def memory_isolated(args, section: str, names: list[str], work: Path) -> dict[st
                "--threads", str(args.threads), "--device", args.device, "--mem-steps", str(args.mem_steps),
                "--batch", str(args.batch), "--seq", str(args.seq),
                "--infer-batch", str(args.infer_batch), "--infer-seq", str(args.infer_seq)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                              env={**os.environ, "TRITON_INTERPRET": "0"})
         try:
             out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
@@ -235,16 +236,19 @@ def markdown(result: dict) -> str:
         unit = "step" if section == "train" else "forward"
         lines += [f"### {TITLES[section]}", "",
                   f"Batch {res['batch']} × {res['seq']} tokens; median of {res['reps']} timed rounds after "
-                  f"{res['warmup']} warm-up round{'s' if res['warmup'] != 1 else ''} (interquartile range in brackets); "
-                  "`× PEFT LoRA` = median over rounds of this row's time / the PEFT LoRA row's time in the "
-                  "same round. "
-                  "Peak memory = extra memory "
-                  f"over {m['mem_steps']} {unit}s from the built model ({m['memory_method']}).", ""]
+                  f"{res['warmup']} warm-up round{'s' if res['warmup'] != 1 else ''} (interquartile range in "
+                  "brackets); `× PEFT LoRA` = median over rounds of this row's time / the PEFT LoRA row's time "
+                  f"in the same round. Peak memory = extra memory over {m['mem_steps']} {unit}s from the built "
+                  f"model ({m['memory_method']})."
+                  + (f" Other processes used {res['others_cores']:.1f} cores on average during this section."
+                     if res.get("others_cores") is not None else ""), ""]
         head = ["method", "trainable params"] if section == "train" else ["method"]
         head += [f"{unit} ms", "× PEFT LoRA", "peak extra MiB", "× PEFT LoRA"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in res["rows"]:
-            cells = [r["label"]] + ([f"{r['trainable']:,}" if "trainable" in r else "–"] if section == "train" else [])
+            cells = [r["label"]]
+            if section == "train":
+                cells.append(f"{r['trainable']:,}" if "trainable" in r else "–")
             if "error" in r:
                 cells += [f"not available: {r['error']}"] + ["–"] * (len(head) - len(cells) - 1)
             else:
@@ -292,7 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "infer" in sections:
             P.save_llama_adapters(work)
         for section in sections:
+            c0 = B.cpu_clock()
             results[section] = run_section(args, section, work)
+            results[section]["others_cores"] = B.others_cores(c0, B.cpu_clock())
     clock1 = B.cpu_clock()
     meta["load_end"] = B.load_average()
     meta["others_cores"] = B.others_cores(clock0, clock1)
