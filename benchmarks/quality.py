@@ -283,6 +283,21 @@ def target_line(name: str, value: float, goal: float, *, fmt: str = "{:.3f}", op
     return f"- Target {name} {op} {fmt.format(goal)}: **{'met' if met else 'NOT met'}** ({fmt.format(value)})."
 
 
+def versus(rows: dict[str, list[dict]], ref: str) -> str:
+    """One sentence: every setting's mean accuracy against ``ref``'s, with the difference and
+    whether it exceeds the larger of the two seed spreads (else it is called a tie)."""
+    stats = {label: common.mean_spread([r["acc"]["mean"] for r in runs]) for label, runs in rows.items()}
+    m0, s0 = stats[ref]
+    parts = []
+    for label, (m, s) in stats.items():
+        if label == ref:
+            continue
+        d = m - m0
+        word = "tie" if abs(d) <= max(s, s0) else ("above" if d > 0 else "below")
+        parts.append(f"{label}: {m:.3f} ({d:+.3f} vs {ref}, {word}{' within the seed spread' if word == 'tie' else ''})")
+    return "; ".join(parts) + f"; {ref}: {m0:.3f} ± {s0:.3f}."
+
+
 def budget_payload(ctx: Context) -> dict:
     return asdict(ctx.budget)
 

@@ -81,11 +81,8 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) ->
         lines.append("\n## Sparse MoA: share of tokens each type ran for (evaluation)\n")
         lines.append("| " + " | ".join(types) + " |\n|" + "---|" * len(types))
         lines.append("| " + " | ".join(common.fmt_ms([a[t]["activation_rate"] for a in acts], 2) for t in types) + " |")
-    means = {label: common.mean_spread([r["acc"]["mean"] for r in runs])[0] for label, runs in rows.items()}
-    lora = means.get("LoRA r=8")
-    if lora is not None:
-        lines.append("\n" + "; ".join(f"{label}: {m:.3f} ({'above' if m > lora else 'at or below'} LoRA)"
-                                      for label, m in means.items() if label != "LoRA r=8") + f"; LoRA: {lora:.3f}.\n")
+    if "LoRA r=8" in rows:
+        lines.append("\n" + Q.versus(rows, "LoRA r=8") + "\n")
     lines.append("\n## Cost\n\n| setting | train s per seed |\n|---|---|")
     for label, runs in rows.items():
         lines.append(f"| {label} | {', '.join(str(r['seconds']) for r in runs)} |")

@@ -91,16 +91,8 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) ->
                  f"{common.fmt_ms([x['eval_drop'] for x in routing], 3)}") if routing else "–"
         table.append((label, [r["acc"] for r in runs], f"{runs[0]['params']:,} | {drops}"))
     lines.append(Q.acc_table(table, extra_header="trainable params | dropped slots train / eval"))
-    means = {label: common.mean_spread([r["acc"]["mean"] for r in runs])[0] for label, runs in rows.items()}
-    sira = means[VARIANTS[0][0]]
-    baselines = {k: v for k, v in means.items() if k.startswith(("LoRA", "MoE-LoRA"))}
-    spread = max(common.mean_spread([r["acc"]["mean"] for r in runs])[1] for runs in rows.values())
-    beaten = [k for k, v in baselines.items() if sira > v]
-    lines.append(
-        f"\nMean accuracy: SiRA {sira:.3f}; " + ", ".join(f"{k.split(' (')[0]} {v:.3f}" for k, v in baselines.items())
-        + f". SiRA {'beats every baseline' if len(beaten) == len(baselines) else 'does not beat every baseline'} "
-        "at this budget" + (f"; differences smaller than the seed spread (up to ±{spread:.3f}) are not meaningful."
-                            if len(next(iter(rows.values()))) > 1 else ".") + "\n")
+    lines.append("\nAgainst the default SiRA (a difference within the larger seed spread of the two rows is a tie): "
+                 + Q.versus(rows, VARIANTS[0][0]) + "\n")
     lines.append("\n## Cost\n\n| setting | train s per seed |\n|---|---|")
     for label, runs in rows.items():
         lines.append(f"| {label} | {', '.join(str(r['seconds']) for r in runs)} |")

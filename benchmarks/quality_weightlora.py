@@ -125,12 +125,8 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) ->
         lines.append(f"\n{label}: kept heads over all seeds by kind: "
                      + ", ".join(f"{k} {v}" for k, v in kinds.most_common())
                      + f"; ranks of the kept heads: {ranks}; stage at the end: {runs[0].get('stage')}.")
-    means = {label: common.mean_spread([r["acc"]["mean"] for r in runs])[0] for label, runs in rows.items()}
-    lora = means.get("LoRA r=8 (all heads)")
-    if lora is not None:
-        lines.append("\n" + "; ".join(f"{label}: {m:.3f} ({'above' if m > lora else 'at or below'} LoRA)"
-                                      for label, m in means.items() if not label.startswith("LoRA"))
-                     + f"; LoRA on all heads: {lora:.3f}.\n")
+    if "LoRA r=8 (all heads)" in rows:
+        lines.append("\n" + Q.versus(rows, "LoRA r=8 (all heads)") + "\n")
     lines.append("\n## Cost\n\n| setting | train s per seed |\n|---|---|")
     for label, runs in rows.items():
         lines.append(f"| {label} | {', '.join(str(r['seconds']) for r in runs)} |")
