@@ -20,7 +20,8 @@ which is what to compare across runs (absolute times move with the machine's loa
 see ``benchmarks/_bench.py`` (CPU: peak RSS growth over the steps, each row in a fresh process;
 CUDA: ``max_memory_allocated``). Torch threads are fixed (``--threads``, default 2).
 
-    python -P benchmarks/training_step.py                  # full run (~10 min on 2 cores); writes
+    python -P benchmarks/training_step.py                  # full run (~5 min on 2 idle cores, 15 on a
+                                                           # busy machine); writes
                                                            # benchmarks/results/training_step.{md,json}
     python -P benchmarks/training_step.py --quick          # tiny shapes, 2 reps (< 1 min); writes to a
                                                            # fresh temp dir unless --out is given
