@@ -178,6 +178,8 @@ def build_layer(config: MoELoRAConfig, *, base_layer: nn.Module, name: str, stat
     if not getattr(config, "train_loras", True):  # MeteoRA trains its gates only by default
         bank.requires_grad_(False)
     router = config.make_router(in_features=d_in, generator=generator).to(device)
+    if config.num_experts == 1:  # a softmax over one expert is 1 for every token: the router never learns
+        router.requires_grad_(False)
     return MoELoRALinear(base_layer=base_layer, bank=bank, router=router, name=name, state=state,
                          dropout=config.dropout, backend=config.backend)
 

@@ -33,6 +33,8 @@ def assert_parity(base, targets, inputs, *, out, rslora=False, fan_in_fan_out=Fa
         want, got, plain = out(reference(**inputs)), out(ours(**inputs)), out(base(**inputs))
     assert (want - plain).abs().max() > 1e-3, "the PEFT LoRA must change the output for the test to mean anything"
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # Same trainable parameters as PEFT: a one-expert router has nothing to learn and is frozen.
+    assert moelora.trainable_parameters(ours)[0] == sum(p.numel() for p in reference.parameters() if p.requires_grad)
 
 
 def test_parity_with_peft_on_minilm(minilm_tokenizer):
