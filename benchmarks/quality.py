@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -115,33 +116,44 @@ def peft_lora_model(rank: int = 8):
     return make
 
 
+def train_task_adapters(ctx: Context, seed: int, *, make: Callable[[int], Any], save: Callable[[Any, Path], None],
+                        tag: str) -> dict[str, Any]:
+    """Train ``make(task_id)`` (a fresh adapted model) on each task alone and ``save`` it under
+    ``ctx.tmp/<tag>_seed<seed>/<task>``. Returns ``{"dirs": {task: dir}, "acc": {task: own-task
+    accuracy}, "seconds": training seconds, "params": trainable parameters of one adapter}``."""
+    from moelora.data.suite import TASKS
+
+    train, test = ctx.data(seed)
+    dirs, acc, seconds, params = {}, {}, 0.0, 0
+    for tid, task in enumerate(TASKS):
+        model = make(tid)
+        params = common.count_trainable(model)
+        run = common.train(model, ctx.tok, common.filter_task(train, tid), steps=ctx.budget.task_steps,
+                           batch_size=ctx.budget.batch_size, lr=ctx.budget.lr, seed=seed * 100 + tid)
+        seconds += run["seconds"]
+        acc[task] = common.evaluate(model, ctx.tok, common.filter_task(test, tid))[task]
+        out = ctx.tmp / f"{tag}_seed{seed}" / task
+        save(model, out)
+        dirs[task] = str(out)
+    return {"dirs": dirs, "acc": acc, "seconds": seconds, "params": params}
+
+
 def task_adapters(ctx: Context, seed: int) -> dict[str, Any]:
     """One real PEFT LoRA per task (r=8, α=16, ``TARGETS``), trained on that task alone on top of
     the seed's base model (MiniLM + a frozen, seeded, shared classifier head) and saved with
-    ``save_pretrained``. Returns ``{"dirs": {task: dir}, "acc": {task: own-task accuracy},
-    "seconds": training seconds, "params": trainable parameters of one adapter}``."""
+    ``save_pretrained``; see :func:`train_task_adapters` for what it returns."""
 
-    def build():
+    def make(tid: int):
         import peft
         import torch
 
-        from moelora.data.suite import TASKS
+        base = common.fresh_model(seed)
+        torch.manual_seed(seed * 100 + tid)  # each task's LoRA A from its own seed
+        return peft.get_peft_model(base, peft_lora_config())
 
-        train, test = ctx.data(seed)
-        dirs, acc, seconds, params = {}, {}, 0.0, 0
-        for tid, task in enumerate(TASKS):
-            base = common.fresh_model(seed)
-            torch.manual_seed(seed * 100 + tid)  # each task's LoRA A from its own seed
-            model = peft.get_peft_model(base, peft_lora_config())
-            params = common.count_trainable(model)
-            run = common.train(model, ctx.tok, common.filter_task(train, tid), steps=ctx.budget.task_steps,
-                               batch_size=ctx.budget.batch_size, lr=ctx.budget.lr, seed=seed * 100 + tid)
-            seconds += run["seconds"]
-            acc[task] = common.evaluate(model, ctx.tok, common.filter_task(test, tid))[task]
-            out = ctx.tmp / f"peft_seed{seed}" / task
-            model.save_pretrained(str(out))
-            dirs[task] = str(out)
-        return {"dirs": dirs, "acc": acc, "seconds": seconds, "params": params}
+    def build():
+        return train_task_adapters(ctx, seed, make=make, save=lambda model, out: model.save_pretrained(str(out)),
+                                   tag="peft")
 
     return ctx.memo(("peft_task_adapters", seed), build)
 

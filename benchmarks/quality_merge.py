@@ -36,21 +36,11 @@ def flylora_adapters(ctx: Q.Context, seed: int) -> dict[str, Any]:
 
     def build():
         import moelora
-        from moelora.data.suite import TASKS
 
-        train, test = ctx.data(seed)
-        dirs, acc, seconds, params = {}, {}, 0.0, 0
-        for tid, task in enumerate(TASKS):
-            model = moelora.inject(common.fresh_model(seed), fly_config(seed))
-            params = common.count_trainable(model)
-            run = common.train(model, ctx.tok, common.filter_task(train, tid), steps=ctx.budget.task_steps,
-                               batch_size=ctx.budget.batch_size, lr=ctx.budget.lr, seed=seed * 100 + tid)
-            seconds += run["seconds"]
-            acc[task] = common.evaluate(model, ctx.tok, common.filter_task(test, tid))[task]
-            out = ctx.tmp / f"fly_seed{seed}" / task
-            moelora.save_adapter(model, out)
-            dirs[task] = str(out)
-        return {"dirs": dirs, "acc": acc, "seconds": seconds, "params": params}
+        def make(tid: int):
+            return moelora.inject(common.fresh_model(seed), fly_config(seed))
+
+        return Q.train_task_adapters(ctx, seed, make=make, save=moelora.save_adapter, tag="fly")
 
     return ctx.memo(("fly_task_adapters", seed), build)
 

@@ -5,10 +5,10 @@ moelora keeps every adapter as a layer beside the frozen base (design §3.4): a 
 :func:`merge_into_base` folds only the one case where the delta *is* a fixed matrix (plain
 MoE-LoRA with a single expert, i.e. ordinary LoRA) and refuses everything else with the reason.
 
-FlyLoRA is refused everywhere a static matrix would be made from it: here, and in the PEFT
-exports of :mod:`moelora.lora_export` (a static PEFT LoRA would be folded by PEFT's
-``merge_and_unload``). Both call :func:`refuse_static`. Its task adapters merge with each other
-instead, with :func:`moelora.merge_flylora`.
+Methods whose delta is never a fixed matrix (FlyLoRA, MoA) are refused everywhere a static
+matrix would be made from them: here, and in the PEFT exports of :mod:`moelora.lora_export` (a
+static PEFT LoRA would be folded by PEFT's ``merge_and_unload``). Both call :func:`refuse_static`.
+FlyLoRA task adapters merge with each other instead, with :func:`moelora.merge_flylora`.
 """
 
 from __future__ import annotations

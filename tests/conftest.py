@@ -87,3 +87,27 @@ def minilm_tokenizer():
 def token_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 97, (2, 7), generator=g)
+
+
+def lightning_trainer(root, max_steps, callbacks=(), **kwargs):
+    """A quiet CPU ``lightning.Trainer`` for tests: no logger, bar, summary, sanity or validation steps."""
+    import lightning as L
+
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
+                     limit_val_batches=0, callbacks=list(callbacks), **kwargs)
+
+
+def loss_recorder():
+    """A Lightning callback collecting every training step's loss in ``.losses``."""
+    import lightning as L
+
+    class LossRecorder(L.Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(outputs["loss"].item())
+
+    return LossRecorder()
+

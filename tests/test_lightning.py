@@ -11,16 +11,8 @@ import pytest
 import torch
 
 import moelora
-from conftest import minilm_path, tiny_llama
-from moelora.lightning import MoELoRAModule, RoutingLogger, TextDataModule
-
-
-class LossRecorder(L.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
+from conftest import lightning_trainer, loss_recorder, minilm_path, tiny_llama
+from moelora.lightning import MoELoRAModule, TextDataModule
 
 
 def make(tmp_path, *, method=None, **module_kwargs):
@@ -31,33 +23,27 @@ def make(tmp_path, *, method=None, **module_kwargs):
     return module, data
 
 
-def trainer(tmp_path, max_steps, callbacks=(), **kwargs):
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                     limit_val_batches=0, callbacks=list(callbacks), **kwargs)
-
-
 def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
     # 18 examples / batch 4 -> 5 batches per epoch; stop at step 3 (mid-epoch), run to step 8
     # (across an epoch boundary). The backbone's dropout stays on: the RNG state is restored too.
     L.seed_everything(0)
     module, data = make(tmp_path)
-    straight = LossRecorder()
-    trainer(tmp_path / "a", 8, [straight]).fit(module, data)
+    straight = loss_recorder()
+    lightning_trainer(tmp_path / "a", 8, [straight]).fit(module, data)
     want = {k: v.clone() for k, v in module.state_dict().items()}
 
     L.seed_everything(0)
     module, data = make(tmp_path)
-    first = LossRecorder()
+    first = loss_recorder()
     ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1)
-    trainer(tmp_path / "b", 3, [first, ckpt_cb]).fit(module, data)
+    lightning_trainer(tmp_path / "b", 3, [first, ckpt_cb]).fit(module, data)
     ckpt = tmp_path / "ck" / "epoch=0-step=3.ckpt"
     assert ckpt.is_file()
 
     L.seed_everything(123)  # a different seed: everything must come from the checkpoint
     module, data = make(tmp_path)
-    second = LossRecorder()
-    trainer(tmp_path / "c", 8, [second]).fit(module, data, ckpt_path=ckpt)
+    second = loss_recorder()
+    lightning_trainer(tmp_path / "c", 8, [second]).fit(module, data, ckpt_path=ckpt)
     assert first.losses + second.losses == straight.losses
     got = module.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -66,7 +52,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
 def test_checkpoint_holds_adapter_only_and_loads_weights_only(tmp_path):
     module, data = make(tmp_path)
     cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck")
-    trainer(tmp_path, 2, [cb]).fit(module, data)
+    lightning_trainer(tmp_path, 2, [cb]).fit(module, data)
     ckpt = torch.load(cb.best_model_path, weights_only=True)  # primitives only in hparams
     keys = set(ckpt["state_dict"])
     assert keys == set(module.adapter_keys())
@@ -81,11 +67,11 @@ def test_checkpoint_holds_adapter_only_and_loads_weights_only(tmp_path):
 def test_bad_checkpoint_keys_are_named(tmp_path):
     module, data = make(tmp_path)
     cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck")
-    trainer(tmp_path, 1, [cb]).fit(module, data)
+    lightning_trainer(tmp_path, 1, [cb]).fit(module, data)
     other, _ = make(tmp_path, method=moelora.MoELoRAConfig(target_modules=["query"], modules_to_save=["classifier"],
                                                            num_experts=3, top_k=2, rank=2))
     with pytest.raises(ValueError, match="checkpoint does not fit.*unexpected.*value"):
-        trainer(tmp_path / "x", 2).fit(other, TextDataModule(suite_train_per_task=3, batch_size=4),
+        lightning_trainer(tmp_path / "x", 2).fit(other, TextDataModule(suite_train_per_task=3, batch_size=4),
                                       ckpt_path=cb.best_model_path)
 
 
@@ -118,8 +104,8 @@ def test_causal_lm_on_tiny_llama(tmp_path):
     module = MoELoRAModule(moelora.MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, top_k=1),
                            backbone=str(tmp_path / "llama"), task="causal-lm")
     data = TextDataModule(tokenizer=str(tmp_path / "llama"), task="causal-lm", suite_train_per_task=2, batch_size=4)
-    rec = LossRecorder()
-    trainer(tmp_path, 3, [rec]).fit(module, data)
+    rec = loss_recorder()
+    lightning_trainer(tmp_path, 3, [rec]).fit(module, data)
     assert len(rec.losses) == 3 and all(l == l for l in rec.losses)  # finite (NaN != NaN)
 
 

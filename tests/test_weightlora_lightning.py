@@ -4,7 +4,7 @@ resume across the disconnection point exactly, the dashboard shows ω."""
 import lightning as L
 import pytest
 import torch
-from conftest import minilm_classifier
+from conftest import lightning_trainer, loss_recorder, minilm_classifier
 
 import moelora
 from moelora import weightlora
@@ -12,14 +12,6 @@ from moelora.dashboard import read_store
 from moelora.dashboard.callback import RoutingDashboard
 from moelora.lightning import MoELoRAModule, TextDataModule
 from moelora.lightning.weightlora import WeightLoRACallback
-
-
-class LossRecorder(L.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
 
 
 def make(*, plus=True, **kw):
@@ -30,12 +22,6 @@ def make(*, plus=True, **kw):
     return module, data
 
 
-def trainer(root, max_steps, callbacks=(), **kwargs):
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
-                     limit_val_batches=0, callbacks=list(callbacks), **kwargs)
-
-
 def optimizer_params(trainer_):
     return [p for opt in trainer_.optimizers for g in opt.param_groups for p in g["params"]]
 
@@ -43,8 +29,8 @@ def optimizer_params(trainer_):
 def test_fit_disconnects_and_expands_and_the_optimizer_follows(tmp_path):
     L.seed_everything(0)
     module, data = make()
-    rec = LossRecorder()
-    t = trainer(tmp_path, 6, [rec])
+    rec = loss_recorder()
+    t = lightning_trainer(tmp_path, 6, [rec])
     t.fit(module, data)
     (cb,) = [c for c in t.callbacks if isinstance(c, WeightLoRACallback)]  # added by the module itself
     assert cb.events == [(3, "expand")]
@@ -69,15 +55,15 @@ def test_fit_disconnects_and_expands_and_the_optimizer_follows(tmp_path):
 def test_resume_across_the_disconnection_equals_an_uninterrupted_run(tmp_path, resume_at):
     L.seed_everything(0)
     module, data = make()
-    straight = LossRecorder()
-    trainer(tmp_path / "a", 6, [straight]).fit(module, data)
+    straight = loss_recorder()
+    lightning_trainer(tmp_path / "a", 6, [straight]).fit(module, data)
     want = {k: v.clone() for k, v in module.state_dict().items()}
 
     L.seed_everything(0)
     module, data = make()
-    first = LossRecorder()
+    first = loss_recorder()
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1)
-    trainer(tmp_path / "b", resume_at, [first, ckpt]).fit(module, data)
+    lightning_trainer(tmp_path / "b", resume_at, [first, ckpt]).fit(module, data)
     path = tmp_path / "ck" / f"epoch=0-step={resume_at}.ckpt"
     assert path.is_file()
     saved = torch.load(path, weights_only=True)
@@ -85,8 +71,8 @@ def test_resume_across_the_disconnection_equals_an_uninterrupted_run(tmp_path, r
 
     L.seed_everything(123)  # everything must come from the checkpoint
     module, data = make()
-    second = LossRecorder()
-    t = trainer(tmp_path / "c", 6, [second])
+    second = loss_recorder()
+    t = lightning_trainer(tmp_path / "c", 6, [second])
     t.fit(module, data, ckpt_path=path)
     assert first.losses + second.losses == straight.losses
     got = module.state_dict()
@@ -97,10 +83,10 @@ def test_resume_across_the_disconnection_equals_an_uninterrupted_run(tmp_path, r
 def test_checkpoint_written_after_pruning_loads_into_a_fresh_module(tmp_path):
     module, data = make(plus=False)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck")
-    trainer(tmp_path, 4, [ckpt]).fit(module, data)
+    lightning_trainer(tmp_path, 4, [ckpt]).fit(module, data)
     fresh, _ = make(plus=False)
     assert len(weightlora.gated_layers(fresh.model)) == 12
-    trainer(tmp_path / "v", 1).validate(fresh, TextDataModule(suite_val_per_task=1, batch_size=4),
+    lightning_trainer(tmp_path / "v", 1).validate(fresh, TextDataModule(suite_val_per_task=1, batch_size=4),
                                         ckpt_path=ckpt.best_model_path)
     assert [layer.name for layer in weightlora.gated_layers(fresh.model)] == \
         [layer.name for layer in weightlora.gated_layers(module.model)]
@@ -111,7 +97,7 @@ def test_checkpoint_written_after_pruning_loads_into_a_fresh_module(tmp_path):
 def test_dashboard_records_omega_and_shows_the_weightlora_panel(tmp_path):
     module, data = make()
     dash = RoutingDashboard(every_n_steps=1, num_samples=0)
-    trainer(tmp_path, 5, [dash]).fit(module, data)
+    lightning_trainer(tmp_path, 5, [dash]).fit(module, data)
     store = read_store(tmp_path)
     assert store.gates and not store.problems
     last = store.gates[-1]["layers"]
