@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+import common  # benchmarks/common.py: callers put this directory on sys.path
+
 MiB = 1 << 20
 
 
@@ -187,12 +189,7 @@ def meta(command: str, device: torch.device, threads: int) -> dict[str, Any]:
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temp file next to ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    common._atomic_write(path, text)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -35,14 +35,14 @@ BACKENDS = ("auto", "torch", "triton")
 #:   is ≈265 FLOP/B and the dense-gated forward has intensity ≈0.67·R, so it stays bandwidth-bound
 #:   (same time as the sparse path) up to R ≈ 256–384; the 64×R_pad fp32 accumulator also fits in
 #:   registers only up to R_pad = 256. Re-tune on the device with ``benchmarks/kernels.py``.
-#: * ``"torch"`` = 96, compared with ``R``: measured on this project's CPU machine (fp32, 1 thread,
-#:   T ∈ {256, 2048}, d = 1024, k = 2, r = 16; benchmarks/results/kernels_cpu_sweep_t1.md). The dense
-#:   twin won forward+backward at R ≤ 64 (1.3–1.9×) and the sorted-segment twin won from R = 128
-#:   on (1.2× at 128, 1.9–20× at 256–4096); 96 sits between the two measured points. A CPU is
-#:   compute-bound at these ranks, so the dense formulation's R/(k·r) extra FLOPs cost time there.
-#:   Caveat: the machine was shared (load 3–4 on 2 cores), hence 1 thread; a 2-thread run was too
-#:   noisy to use. With more threads the dense GEMMs scale better than the segment loop's small
-#:   ops, so the crossover likely moves up: re-measure on the target machine.
+#: * ``"torch"`` = 96, compared with ``R``: measured on this project's CPU machine (fp32, d = 1024,
+#:   k = 2, r = 16, T ∈ {256, 2048}, 1 and 2 threads; ``python -P benchmarks/kernels.py
+#:   --sweep-only --threads N``, benchmarks/results/kernels_cpu_sweep_t{1,2}.md). The dense twin
+#:   won forward+backward at R ≤ 64 (1.1–2.7×); the sorted-segment twin tied or won from R = 128
+#:   on (1.0–1.7× at 128, 1.4–25× at 256–4096); 96 sits between the two measured points. A CPU
+#:   is compute-bound at these ranks, so the dense formulation's R/(k·r) extra FLOPs cost time
+#:   there. The crossover also depends on k·r (at k = E every slot is routed and dense always
+#:   wins), which a threshold on R alone ignores.
 DENSE_MAX_RANK = {"triton": 256, "torch": 96}
 
 _TRITON_FOUND: bool | None = None
@@ -99,11 +99,17 @@ def triton_ops():
     return torch.ops.moelora
 
 
-def dense_max_rank(impl: str, total_rank: int) -> bool:
-    """True when ``total_rank`` is small enough for the dense-gated path of ``impl``."""
+def dense_max_rank(impl: str, total_rank: int, num_experts: int | None = None, top_k: int | None = None) -> bool:
+    """True when the dense-gated path of ``impl`` should run a bank of ``total_rank`` rows.
+
+    On the torch path a dense bank also runs when ``num_experts <= 2·top_k``: the dense
+    formulation then does at most twice the routed FLOPs and no gather or scatter, and it won
+    forward+backward there at every measured rank (1.1–2.8× at E = k = 8 and E = 2k = 8, 16;
+    T ∈ {256, 2048}, 1 and 2 threads), while the grouped twin won at E = 4k (0.6–0.95×)."""
     if impl == "triton":
         return 1 << (max(total_rank, 16) - 1).bit_length() <= DENSE_MAX_RANK["triton"]
-    return total_rank <= DENSE_MAX_RANK["torch"]
+    few_experts = num_experts is not None and top_k is not None and num_experts <= 2 * top_k
+    return total_rank <= DENSE_MAX_RANK["torch"] or few_experts
 
 
 class _GatedLoRAFn(torch.autograd.Function):
@@ -185,7 +191,7 @@ def gated_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Te
         raise ValueError(f"gated_lora: col_expert {tuple(col_expert.shape)} and col_scale "
                          f"{tuple(col_scale.shape)} must both be [R] with R = {A.shape[0]}")
     impl = resolve_backend(backend, x.device, x.dtype)
-    if not dense_max_rank(impl, A.shape[0]):
+    if not dense_max_rank(impl, A.shape[0], num_experts, expert_ids.shape[1]):
         from .grouped import grouped_lora
 
         if ranks is None:

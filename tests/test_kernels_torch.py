@@ -197,7 +197,7 @@ def test_import_and_auto_without_triton():
 def test_gated_lora_switches_to_grouped_above_threshold(monkeypatch):
     ranks = [4, 0, 8, 5]
     A, Bt, col_expert, col_scale, scale = make_bank(ranks, 10, 6)
-    ids, w = make_routing(9, 4, 2, "random")
+    ids, w = make_routing(9, 4, 1, "random")                   # E = 4 > 2·k: grouped above the threshold
     x = torch.randn(9, 10)
     dense = K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale, num_experts=4, backend="torch")
     calls = []
@@ -215,6 +215,11 @@ def test_gated_lora_switches_to_grouped_above_threshold(monkeypatch):
     assert calls == [ranks, ranks]
     monkeypatch.setitem(ops_mod.DENSE_MAX_RANK, "torch", 17)
     K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale, num_experts=4, backend="torch")
+    assert len(calls) == 2
+    # E ≤ 2·k: the dense path does at most twice the routed FLOPs and stays, whatever R is.
+    monkeypatch.setitem(ops_mod.DENSE_MAX_RANK, "torch", 16)
+    ids2, w2 = make_routing(9, 4, 2, "random")
+    K.gated_lora(x, A, Bt, ids2, w2, col_expert, col_scale, num_experts=4, backend="torch")
     assert len(calls) == 2
 
 
