@@ -158,16 +158,71 @@ class LayerStats:
                 "tokens": float(self.tokens)}
 
 
+@dataclass
+class _Pending:
+    """One layer's statistics since they were last settled, on the routing's device."""
+
+    counts: Tensor
+    prob_sum: Tensor
+    dropped: Tensor
+    coactivation: Tensor
+    tokens: Tensor  # 0-d int64
+    forwards: int = 0
+    task_counts: Tensor | None = None
+
+    @classmethod
+    def zeros(cls, num_experts: int, device: torch.device) -> "_Pending":
+        # float64 where the device has it (exact counts past 2**24 slots); MPS has no float64.
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(num_experts), z(num_experts), z(num_experts), z(num_experts, num_experts),
+                   torch.zeros((), dtype=torch.long, device=device))
+
+
 class LoadTracker:
-    """Accumulates :class:`LayerStats` per wrapped layer, keyed by module name."""
+    """Accumulates :class:`LayerStats` per wrapped layer, keyed by module name.
+
+    :meth:`record` never reads a value back to the host: on a GPU every wrapped layer records in
+    every forward, and a device sync there would stall the launch queue hundreds of times per
+    step. It adds into per-layer accumulators on the routing's device, which are settled into the
+    CPU float64 :attr:`layers` when those are read.
+    """
 
     def __init__(self) -> None:
-        self.layers: dict[str, LayerStats] = {}
+        self._layers: dict[str, LayerStats] = {}
+        self._pending: dict[str, _Pending] = {}
         self.enabled = True
+
+    @property
+    def layers(self) -> dict[str, LayerStats]:
+        """``{layer name: LayerStats}`` (CPU float64), including everything recorded so far."""
+        self._settle()
+        return self._layers
+
+    @layers.setter
+    def layers(self, value: dict[str, LayerStats]) -> None:
+        self._pending.clear()  # the statistics are replaced as a whole
+        self._layers = value
+
+    def _settle(self) -> None:
+        for name, p in self._pending.items():
+            stats = self._layers.get(name)
+            if stats is None:
+                stats = self._layers[name] = LayerStats.empty(p.counts.numel())
+            stats.counts += p.counts.cpu().double()
+            stats.prob_sum += p.prob_sum.cpu().double()
+            stats.dropped += p.dropped.cpu().double()
+            stats.coactivation += p.coactivation.cpu().double()
+            stats.tokens += int(p.tokens)
+            stats.forwards += p.forwards
+            if p.task_counts is not None:
+                stats.grow_tasks(p.task_counts.shape[0])[:p.task_counts.shape[0]] += p.task_counts.cpu().double()
+        self._pending.clear()
 
     @torch.no_grad()
     def record(self, name: str, num_experts: int, expert_ids: Tensor, probs: Tensor | None,
-               dropped: Tensor | None, token_mask: Tensor | None, task_ids: Tensor | None = None) -> None:
+               dropped: Tensor | None, token_mask: Tensor | None, task_ids: Tensor | None = None,
+               num_tasks: int | None = None) -> None:
         """Add one forward's routing of layer ``name``; skipped during checkpoint recompute.
 
         Args:
@@ -177,35 +232,48 @@ class LoadTracker:
             token_mask: ``[T]`` bool real tokens, or ``None`` (all real).
             task_ids: ``[T]`` per-token task ids (negative = none) for ``task_counts``, or ``None``;
                 ignored when their count is not ``T`` (a layer that sees other tokens).
+            num_tasks: an upper bound on ``max(task_ids) + 1`` known on the host
+                (:meth:`~moelora.state.AdapterState.task_rows`); without it the maximum is read
+                from the device (one sync).
         """
         if not self.enabled or recomputing():
             return
-        stats = self.layers.get(name)
-        if stats is None:
-            stats = self.layers[name] = LayerStats.empty(num_experts)
-        ids = expert_ids if token_mask is None else expert_ids[token_mask]
-        chosen = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float64, device=ids.device)
-        chosen.scatter_(1, torch.where(ids >= 0, ids, num_experts).long(), 1.0)
-        chosen = chosen[:, :num_experts]
-        stats.counts += chosen.sum(0).cpu()
-        stats.coactivation += (chosen.t() @ chosen).cpu()
+        dev = expert_ids.device
+        p = self._pending.get(name)
+        if p is None or p.counts.device != dev or p.counts.numel() != num_experts:
+            if p is not None:
+                self._settle()
+            p = self._pending[name] = _Pending.zeros(num_experts, dev)
+        valid = expert_ids >= 0
+        real = None if token_mask is None else token_mask.to(dev).reshape(-1, 1)
+        if real is not None:
+            valid = valid & real
+        chosen = torch.zeros(expert_ids.shape[0], num_experts + 1, dtype=p.counts.dtype, device=dev)
+        chosen = chosen.scatter_(1, torch.where(valid, expert_ids, num_experts).long(), 1.0)[:, :num_experts]
+        p.counts += chosen.sum(0)
+        p.coactivation += chosen.t() @ chosen
         if probs is not None:
-            p = probs if token_mask is None else probs[token_mask]
-            stats.prob_sum += p.double().sum(0).cpu()
+            pr = probs.to(p.prob_sum.dtype)
+            p.prob_sum += (pr if real is None else torch.where(real, pr, 0)).sum(0)
         if dropped is not None:
-            stats.dropped += dropped.double().cpu()
+            p.dropped += dropped.to(p.dropped.dtype)
+        p.tokens += expert_ids.shape[0] if real is None else real.sum()
+        p.forwards += 1
         if task_ids is not None and task_ids.numel() == expert_ids.shape[0]:
-            tasks = task_ids.reshape(-1).to(ids.device)
-            tasks = tasks if token_mask is None else tasks[token_mask]
-            has_task = tasks >= 0
-            if bool(has_task.any()):
-                tasks = tasks[has_task].long()
-                stats.grow_tasks(int(tasks.max()) + 1).index_add_(0, tasks.cpu(), chosen[has_task].cpu())
-        stats.tokens += int(ids.shape[0])
-        stats.forwards += 1
+            tasks = task_ids.reshape(-1).to(dev).long()
+            rows = num_tasks if num_tasks is not None else (int(tasks.max()) + 1 if tasks.numel() else 0)
+            if rows > 0:
+                if p.task_counts is None or p.task_counts.shape[0] < rows:
+                    grown = chosen.new_zeros(rows, num_experts)
+                    if p.task_counts is not None:
+                        grown[:p.task_counts.shape[0]] = p.task_counts
+                    p.task_counts = grown
+                # A slot without a task (negative id) adds a zero row to task 0.
+                p.task_counts.index_add_(0, tasks.clamp(min=0), torch.where((tasks >= 0).view(-1, 1), chosen, 0))
 
     def reset(self) -> None:
-        self.layers.clear()
+        self._layers.clear()
+        self._pending.clear()
 
     def reduced(self) -> "LoadTracker":
         """A copy holding every layer's statistics summed across distributed ranks.

@@ -78,9 +78,11 @@ class MoELoRALinear(nn.Module):
         return delta
 
     def _remember(self, routing, mask: Tensor | None) -> None:
-        self._state.tracker.record(self.name, self.bank.num_experts, routing.expert_ids, routing.probs,
-                                   routing.dropped, mask,
-                                   task_ids=self._state.task_ids_for(routing.expert_ids.shape[0]))
+        state = self._state
+        tasks = state.task_ids_for(routing.expert_ids.shape[0])
+        state.tracker.record(self.name, self.bank.num_experts, routing.expert_ids, routing.probs,
+                             routing.dropped, mask, task_ids=tasks,
+                             num_tasks=state.task_rows() if tasks is not None else None)
         self._aux_loss = routing.aux_loss
         # Reentrant checkpointing runs the first forward under no_grad: the aux loss would be a
         # constant and balancing silently off. Remember it so aux_loss() can say so.

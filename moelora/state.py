@@ -52,6 +52,17 @@ class AdapterState:
         m = self.last_token_mask if recomputing and self.token_mask is None else self.token_mask
         return m if m is not None and m.numel() == num_tokens else None
 
+    def task_rows(self) -> int:
+        """``1 + max(task_ids)`` of this forward (0 without ids), read from the device once per
+        set of ids rather than once per layer: the tracker sizes its per-task counts with it."""
+        ids = self.task_ids
+        if ids is None:
+            return 0
+        cached = self.__dict__.get("_task_rows")
+        if cached is None or cached[0] is not ids:
+            cached = self.__dict__["_task_rows"] = (ids, int(ids.max()) + 1 if ids.numel() else 0)
+        return max(cached[1], 0)
+
     def task_ids_for(self, num_tokens: int) -> Tensor | None:
         """``[num_tokens]`` task ids for a wrapped linear that sees ``num_tokens`` rows, or ``None``.
 

@@ -39,6 +39,63 @@ def test_mask_excludes_padding_and_uniform_load_has_entropy_one():
     assert s.entropy == pytest.approx(1.0) and s.dead_fraction == 0.0
 
 
+def _loop_statistics(batches, num_experts):
+    """Float64 per-token loop over every recorded forward: the oracle for the tracker's sums."""
+    E = num_experts
+    counts, probs_sum, co = [0.0] * E, [0.0] * E, [[0.0] * E for _ in range(E)]
+    tasks, tokens = {}, 0
+    for ids, probs, mask, task in batches:
+        for t in range(ids.shape[0]):
+            if mask is not None and not bool(mask[t]):
+                continue
+            tokens += 1
+            chosen = sorted({int(e) for e in ids[t] if int(e) >= 0})
+            for e in chosen:
+                counts[e] += 1
+                if task is not None and int(task[t]) >= 0:
+                    tasks.setdefault(int(task[t]), [0.0] * E)[e] += 1
+                for f in chosen:
+                    co[e][f] += 1
+            for e in range(E):
+                probs_sum[e] += float(probs[t, e])
+    return counts, probs_sum, co, tasks, tokens
+
+
+def test_accumulated_statistics_equal_a_loop_over_tokens():
+    g = torch.Generator().manual_seed(0)
+    E, batches = 5, []
+    tracker = LoadTracker()
+    for T in (7, 1, 12):
+        ids = torch.randint(-1, E, (T, 2), generator=g)
+        probs = torch.rand(T, E, generator=g).softmax(-1)
+        mask = torch.rand(T, generator=g) > 0.3
+        task = torch.randint(-1, 3, (T,), generator=g)
+        probs[~mask] = float("nan")  # padding rows may hold anything: they must not leak in
+        tracker.record("l", E, ids, probs, None, mask, task_ids=task, num_tasks=4)
+        batches.append((ids, probs, mask, task))
+        if T == 1:
+            tracker.layers  # reading in the middle settles; later records still add up
+    counts, probs_sum, co, tasks, tokens = _loop_statistics(batches, E)
+    s = tracker.layers["l"]
+    assert s.counts.tolist() == counts and s.coactivation.tolist() == co
+    assert s.tokens == tokens and s.forwards == 3
+    torch.testing.assert_close(s.prob_sum, torch.tensor(probs_sum, dtype=torch.float64))
+    for task_id in range(s.task_counts.shape[0]):
+        assert s.task_counts[task_id].tolist() == tasks.get(task_id, [0.0] * E)
+
+
+def test_record_never_reads_values_back_to_the_host():
+    # Meta tensors carry no data: .item(), bool(), .cpu() or boolean-mask indexing would raise.
+    # (On a GPU each of those is a device sync, in every wrapped layer of every forward.)
+    meta = dict(device="meta")
+    tracker = LoadTracker()
+    ids, mask = torch.empty(6, 2, dtype=torch.long, **meta), torch.empty(6, dtype=torch.bool, **meta)
+    tasks = torch.empty(6, dtype=torch.long, **meta)
+    tracker.record("l", 4, ids, torch.empty(6, 4, **meta), torch.empty(4, **meta), mask, task_ids=tasks, num_tasks=3)
+    tracker.record("l", 4, ids, None, None, None)
+    assert tracker._pending["l"].forwards == 2
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

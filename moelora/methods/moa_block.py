@@ -98,9 +98,9 @@ class MoABlock(nn.Module):
         if gates.active is not None:
             ids = torch.where(gates.active, ids, -1)
         state = self._state
-        per_token = getattr(state, "task_ids_for", None)
-        tasks = per_token(gates.num_tokens) if callable(per_token) else state.task_ids
-        state.tracker.record(self.name, n, ids, gates.probs, None, mask, task_ids=tasks)
+        tasks = state.task_ids_for(gates.num_tokens)
+        state.tracker.record(self.name, n, ids, gates.probs, None, mask, task_ids=tasks,
+                             num_tasks=state.task_rows() if tasks is not None else None)
         self.last_expert_ids, self.last_weights = ids, gates.weights.detach()
 
     def type_index(self, type_name: str) -> int:

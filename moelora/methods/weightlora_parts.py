@@ -45,7 +45,8 @@ class WeightLoRATracker(LoadTracker):
 
     @torch.no_grad()
     def record(self, name: str, num_experts: int, expert_ids: Tensor, probs: Tensor | None,
-               dropped: Tensor | None, token_mask: Tensor | None, task_ids: Tensor | None = None) -> None:
+               dropped: Tensor | None, token_mask: Tensor | None, task_ids: Tensor | None = None,
+               num_tasks: int | None = None) -> None:
         """As :meth:`LoadTracker.record`, with a pruned bank's experts mapped to their original ids."""
         mapping = self.expert_maps.get(name)
         if mapping is not None and len(mapping[0]) == num_experts != mapping[1]:
@@ -56,7 +57,8 @@ class WeightLoRATracker(LoadTracker):
                 probs = probs.new_zeros(probs.shape[0], num_experts).index_copy(1, index.to(probs.device), probs)
             if dropped is not None:
                 dropped = dropped.new_zeros(num_experts).index_copy(0, index.to(dropped.device), dropped)
-        super().record(name, num_experts, expert_ids, probs, dropped, token_mask, task_ids=task_ids)
+        super().record(name, num_experts, expert_ids, probs, dropped, token_mask, task_ids=task_ids,
+                       num_tasks=num_tasks)
 
     def reduced(self) -> WeightLoRATracker:
         """As :meth:`LoadTracker.reduced` (a collective under DDP), keeping the gates."""
