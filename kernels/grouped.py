@@ -82,7 +82,8 @@ def build_routing_plan(expert_ids: Tensor, num_experts: int, block_m: int | None
     flat = expert_ids.reshape(-1).long()
     key = torch.where(flat >= 0, flat, E)  # empty slots sort last and get no block
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=E + 1)[:E]
+    # scatter_add rather than bincount: CUDA's bincount reads the maximum back (a device sync).
+    counts = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))[:E]
     zero = torch.zeros(1, dtype=torch.long, device=dev)
     expert_offsets = torch.cat([zero, counts.cumsum(0)])
     padded = (counts + block_m - 1) // block_m * block_m

@@ -37,8 +37,8 @@ def switch_loss(probs: Tensor, expert_ids: Tensor, token_mask: Tensor | None = N
     valid = expert_ids >= 0
     if token_mask is not None:
         valid = valid & token_mask.view(-1, 1)
-    counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
-    counts = counts.index_add(0, expert_ids[valid].long(), torch.ones_like(expert_ids[valid], dtype=probs.dtype))
+    counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)  # masked, not indexed: no sync
+    counts = counts.scatter_add(0, expert_ids.clamp(min=0).reshape(-1).long(), valid.reshape(-1).to(probs.dtype))
     f = counts / counts.sum().clamp(min=1)
     p = _masked_mean(probs, token_mask)
     return num_experts * (f.detach() * p).sum()

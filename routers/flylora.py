@@ -72,9 +72,12 @@ class FlyLoRARouter(nn.Module):
             topk_idx: ``[T, k]`` chosen ranks.
             token_mask: ``[T]`` bool real tokens, or None (all real). Ignored with ``count_padding``.
         """
-        ids = topk_idx if token_mask is None or self.count_padding else topk_idx[token_mask]
-        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
-        return all_reduce_counts(counts)
+        # scatter_add, not bincount or a boolean index: on CUDA both read a value back (a sync).
+        ones = torch.ones_like(topk_idx)
+        if token_mask is not None and not self.count_padding:
+            ones = ones * token_mask.reshape(-1, 1).to(ones.dtype)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=topk_idx.device)
+        return all_reduce_counts(counts.scatter_add_(0, topk_idx.reshape(-1), ones.reshape(-1)))
 
     @torch.no_grad()
     def update(self, topk_idx: Tensor, token_mask: Tensor | None = None) -> None:

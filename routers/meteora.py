@@ -91,10 +91,10 @@ class MeteoRARouter(nn.Module):
 
     def _forced_routing(self, num_tokens: int, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Every token to the experts with a non-zero forced weight, with those weights."""
-        forced = self.forced.to(logits.device)
+        forced = self.forced.cpu()  # select_experts keeps it on the host: nonzero() without a device sync
         ids = forced.nonzero().view(-1)
-        expert_ids = ids.view(1, -1).expand(num_tokens, -1)
-        weights = forced[ids].to(logits.dtype).view(1, -1).expand(num_tokens, -1)
+        expert_ids = ids.to(logits.device).view(1, -1).expand(num_tokens, -1)
+        weights = forced[ids].to(logits.device, logits.dtype).view(1, -1).expand(num_tokens, -1)
         return expert_ids, weights
 
     def _gate_loss(self, logits: Tensor, token_mask: Tensor | None) -> Tensor | None:
@@ -110,14 +110,16 @@ class MeteoRARouter(nn.Module):
                 f"{logits.shape[0]} rows: pass one id per token of input_ids (shape [batch, seq]) to "
                 "moelora.set_task_ids right before the forward (a per-sequence layer such as a pooler needs "
                 "one id per sequence).")
-        target = target.to(logits.device)
+        target = target.to(logits.device).long()
         valid = target >= 0
         if token_mask is not None:
             valid = valid & token_mask
         num_gates = max(len(getattr(state, "wrapped", ())), 1)
-        if not bool(valid.any()):
-            return logits.sum() * 0.0  # keeps the graph and the device; nothing to supervise
-        ce = F.cross_entropy(logits[valid], target[valid].long())
+        # Mean CE over the supervised tokens, masked rather than indexed: a boolean index (and a
+        # check that any token is supervised) would read the device back in every gate. With no
+        # supervised token the loss is 0, still in the graph.
+        ce = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+        ce = torch.where(valid, ce, 0).sum() / valid.sum().clamp(min=1)
         return (self.gate_loss_coef / num_gates) * ce
 
     def extra_repr(self) -> str:

@@ -83,7 +83,9 @@ def capacity_keep(expert_ids: Tensor, scores: Tensor, group: Tensor, capacity: T
         order = torch.arange(n, device=flat_bucket.device)
     # A stable sort by bucket keeps the priority order inside each bucket: rank = offset in it.
     by_bucket = torch.sort(flat_bucket[order], stable=True)
-    counts = torch.bincount(by_bucket.values, minlength=num_buckets + 1)
+    # scatter_add rather than bincount: CUDA's bincount reads the maximum back (a device sync).
+    counts = torch.zeros(num_buckets + 1, dtype=torch.long, device=flat_bucket.device)
+    counts.scatter_add_(0, by_bucket.values, torch.ones_like(by_bucket.values))
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(n, device=flat_bucket.device) - starts[by_bucket.values]
     rank = torch.empty_like(rank_sorted)
@@ -160,6 +162,8 @@ class SiRARouter(nn.Module):
         Autocast is switched off here: under a bf16/fp16 autocast region the matmul would
         otherwise run in low precision despite the fp32 operands.
         """
+        if not torch.amp.is_autocast_available(x.device.type):  # no autocast there to switch off
+            return x.float() @ self.weight.t()
         with torch.autocast(device_type=x.device.type, enabled=False):
             return x.float() @ self.weight.t()
 
@@ -239,7 +243,9 @@ class SiRARouter(nn.Module):
             kept = capacity_keep(routed, raw, group, capacity, num_experts=self.num_experts,
                                  drop_policy=self.drop_policy, fill_order=self.fill_order)
         dropped_slots = valid & ~kept
-        dropped = torch.bincount(ids[dropped_slots], minlength=self.num_experts)
+        # scatter_add over a mask, not bincount of a boolean index: both of those sync on CUDA.
+        dropped = torch.zeros(self.num_experts, dtype=torch.long, device=ids.device)
+        dropped = dropped.scatter_add_(0, ids.reshape(-1), dropped_slots.reshape(-1).long())
 
         weights = torch.where(kept, raw, 0.0)
         if self.renormalize:
