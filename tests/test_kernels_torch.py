@@ -259,3 +259,19 @@ def test_top_level_kernels_import_is_an_inert_shell():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_inference_fast_path_equals_the_autograd_path():
+    # Under no_grad (or with nothing requiring grad) gated_lora skips the autograd.Function;
+    # the numbers must be the very same.
+    ranks = [3, 0, 5, 2]
+    A, Bt, col_expert, col_scale, _ = make_bank(ranks, 10, 6)
+    ids, w = make_routing(11, 4, 2, "random")
+    x = torch.randn(11, 10, requires_grad=True)
+    run = lambda x: K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale, num_experts=4, backend="torch")  # noqa: E731
+    with_grad = run(x)
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        fast = run(x)
+    assert fast.grad_fn is None and torch.equal(fast, with_grad.detach())
+    assert torch.equal(run(x.detach()), fast)
