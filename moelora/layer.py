@@ -32,6 +32,10 @@ class MoELoRALinear(nn.Module):
         backend: kernel backend for the expert math.
     """
 
+    #: Whether this module's routing is recorded under its ``name`` (statistics, dashboard); a
+    #: linear whose routing belongs to an enclosing block (MoA types) says False.
+    records_routing = True
+
     def __init__(self, *, base_layer: nn.Module, bank: ExpertBank, router: nn.Module, name: str,
                  state: AdapterState, dropout: float = 0.0, backend: str = "auto") -> None:
         super().__init__()

@@ -29,11 +29,22 @@ def _jsonable(values: Any) -> dict[str, Any]:
     return out
 
 
-def _expert_names(layer: MoELoRALinear, config: Any) -> list[str] | None:
-    """Names a method gives its experts: ``expert_names`` on the layer or bank, else the
-    config's provenance list (MeteoRA adapter names); ``None`` = plain indices."""
-    e = layer.bank.num_experts
-    for owner in (layer, layer.bank, layer.router):
+def routing_units(model) -> list:
+    """The modules whose routing is recorded under their ``name``, in module order: wrapped
+    linears with their own router, and block-level routers (MoA blocks, whose experts are the
+    block's types; the MoA type linears record nothing themselves)."""
+    return [m for m in model.modules() if getattr(m, "records_routing", False)]
+
+
+def _num_experts(unit) -> int:
+    return unit.bank.num_experts if hasattr(unit, "bank") else len(unit.expert_names)
+
+
+def _expert_names(layer, config: Any) -> list[str] | None:
+    """Names a method gives its experts: ``expert_names`` on the unit, its bank or router, else
+    the config's provenance list (MeteoRA adapter names); ``None`` = plain indices."""
+    e = _num_experts(layer)
+    for owner in (layer, getattr(layer, "bank", None), getattr(layer, "router", None)):
         names = getattr(owner, "expert_names", None)
         if names is not None and len(names) == e:
             return [str(n) for n in names]
@@ -77,6 +88,7 @@ class RoutingDashboard(L.Callback):
         self.log_dir: Path | None = None
         self.report_path: Path | None = None
         self._layers: list[MoELoRALinear] = []
+        self._units: list = []  # routing_units(): what the statistics and samples are keyed by
         self._last: dict = {}
         self._last_step = -1
         self._last_sample_step: int | None = None
@@ -85,6 +97,7 @@ class RoutingDashboard(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         self._layers = wrapped_layers(pl_module)
+        self._units = routing_units(pl_module)
         if not self._layers:
             warnings.warn("RoutingDashboard: the LightningModule has no moelora layers; nothing is recorded.")
             return
@@ -101,7 +114,7 @@ class RoutingDashboard(L.Callback):
         from moelora.lightning.callbacks import short_names
 
         config = self._layers[0]._state.config
-        names = short_names([layer.name for layer in self._layers])
+        names = short_names([unit.name for unit in self._units])
         dm = getattr(trainer, "datamodule", None)
         tasks = getattr(dm, "task_names", None) or (list(getattr(dm, "suite_tasks", ()))
                                                     if getattr(dm, "num_tasks", 0) else None)
@@ -119,9 +132,10 @@ class RoutingDashboard(L.Callback):
         return {
             "created": old.get("created", time.strftime("%Y-%m-%d %H:%M:%S")),
             "stages": sorted(set(old.get("stages", [])) | {stage}),
-            "layers": [{"name": layer.name, "label": names[layer.name], "num_experts": layer.bank.num_experts,
-                        "top_k": getattr(layer.router, "top_k", None), "experts": _expert_names(layer, config)}
-                       for layer in self._layers],
+            "layers": [{"name": unit.name, "label": names[unit.name], "num_experts": _num_experts(unit),
+                        "top_k": getattr(getattr(unit, "router", None), "top_k", None),
+                        "experts": _expert_names(unit, config)}
+                       for unit in self._units],
             "tasks": [str(t) for t in tasks] if tasks else None,
             "config": {"method": config.to_dict() if hasattr(config, "to_dict") else _jsonable(vars(config)),
                        "model": hparams, "data": _jsonable(getattr(dm, "hparams", {})) if dm is not None else {},
@@ -191,7 +205,7 @@ class RoutingDashboard(L.Callback):
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         shape = ids.shape
-        layers = [m for m in self._layers if m.last_expert_ids is not None
+        layers = [m for m in self._units if m.last_expert_ids is not None
                   and m.last_expert_ids.shape[0] == ids.numel()]  # only layers that saw these tokens
         if not layers:
             return

@@ -43,6 +43,8 @@ class MoABlock(nn.Module):
         state: the model-wide :class:`~moelora.state.AdapterState`.
     """
 
+    records_routing = True  # statistics and dashboard key: ``name``, experts = the types
+
     def __init__(self, *, name: str, type_names: list[str], router: MoARouter, adapter: ParallelAdapter | None,
                  prompt: PromptExpert | None, state: AdapterState) -> None:
         super().__init__()
@@ -102,6 +104,11 @@ class MoABlock(nn.Module):
         state.tracker.record(self.name, n, ids, gates.probs, None, mask, task_ids=tasks,
                              num_tasks=state.task_rows() if tasks is not None else None)
         self.last_expert_ids, self.last_weights = ids, gates.weights.detach()
+
+    @property
+    def expert_names(self) -> list[str]:
+        """The block's experts for statistics and the routing report: its types, in router order."""
+        return list(self.type_names)
 
     def type_index(self, type_name: str) -> int:
         return self.type_names.index(type_name)

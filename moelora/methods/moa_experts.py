@@ -117,6 +117,8 @@ class MoALoRALinear(MoELoRALinear):
         (others as :class:`~moelora.layer.MoELoRALinear`; ``bank`` holds one expert.)
     """
 
+    records_routing = False  # the block records its types' routing
+
     def __init__(self, *, base_layer: nn.Module, bank: ExpertBank, name: str, state: AdapterState, block: nn.Module,
                  type_name: str, type_index: int, dropout: float = 0.0, backend: str = "auto") -> None:
         super().__init__(base_layer=base_layer, bank=bank, router=MoATypeGate(type_name), name=name, state=state,
