@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from . import expert_space as space
 from .config import MoELoRAConfig, config_from_dict
 from .io import WEIGHTS_NAME, _atomic_write, read_adapter_meta
 from .layer import wrapped_layers
@@ -83,8 +84,12 @@ class _Bank:
     """What export needs of one wrapped module's experts (from a live model or a saved file).
 
     Attributes:
-        name: module path. ranks: ``r_e`` per expert. scale: ``[N]`` output scales.
+        name: module path. ranks: ``r_e`` per expert of the bank. scale: ``[K]`` output scales.
         A: ``[R, d_in]``. Bt: ``[R, d_out]``. conv1d: the base is GPT-2's ``Conv1D``.
+        origin: the model-wide index of each of the bank's experts (a WeightLoRA bank keeps a
+            subset), or ``None`` when the bank holds every expert in order.
+
+    ``rank``, ``pair`` and ``scale_of`` take model-wide expert indices.
     """
 
     name: str
@@ -93,11 +98,21 @@ class _Bank:
     A: Tensor
     Bt: Tensor
     conv1d: bool = False
+    origin: list[int] | None = None
+
+    def rank(self, expert: int) -> int:
+        """Rank of model-wide expert ``expert`` here (0 where the bank dropped it)."""
+        local = space.local_index(self.origin, expert)
+        return 0 if local is None or local >= len(self.ranks) else self.ranks[local]
+
+    def scale_of(self, expert: int) -> Tensor:
+        return self.scale[space.local_index(self.origin, expert)]
 
     def pair(self, expert: int) -> tuple[Tensor, Tensor]:
-        """PEFT layout ``(lora_A [r, d_in], lora_B [d_out, r])`` of one expert."""
-        start = sum(self.ranks[:expert])
-        rows = slice(start, start + self.ranks[expert])
+        """PEFT layout ``(lora_A [r, d_in], lora_B [d_out, r])`` of one expert (rank > 0 here)."""
+        local = space.local_index(self.origin, expert)
+        start = sum(self.ranks[:local])
+        rows = slice(start, start + self.ranks[local])
         return self.A[rows], self.Bt[rows].t()
 
 
@@ -112,7 +127,7 @@ class _Source:
 
     @property
     def provenance(self) -> list[dict[str, Any]]:
-        return getattr(self.config, "experts", None) or []
+        return space.provenance(self.config)
 
 
 def _model_source(model: nn.Module) -> _Source:
@@ -120,7 +135,8 @@ def _model_source(model: nn.Module) -> _Source:
     refuse_static(state.config, "export it as static PEFT LoRA adapters")
     banks = [_Bank(layer.name, tuple(layer.bank.ranks),
                    _with_omega(layer.bank.scale.detach(), getattr(layer.router, "omega", None)),
-                   layer.bank.A.detach(), layer.bank.Bt.detach(), type(layer.base_layer).__name__ == "Conv1D")
+                   layer.bank.A.detach(), layer.bank.Bt.detach(), type(layer.base_layer).__name__ == "Conv1D",
+                   space.layer_origin(state.config, layer.name))
              for layer in wrapped_layers(model)]
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return _Source(banks, state.config, expert_names(model), base)
@@ -187,7 +203,7 @@ def _export(src: _Source, out: Path, *, experts, overwrite: bool) -> dict[str, P
     chosen = list(range(len(names))) if experts is None else [_expert_index(e, names) for e in experts]
     plans = []
     for i in chosen:
-        banks = [b for b in src.banks if b.ranks[i] > 0]
+        banks = [b for b in src.banks if b.rank(i) > 0]
         if not banks:
             warnings.warn(f"expert {names[i]!r} has rank 0 in every wrapped module; nothing to export.",
                           UserWarning, stacklevel=3)
@@ -201,7 +217,7 @@ def _export(src: _Source, out: Path, *, experts, overwrite: bool) -> dict[str, P
             lora_A, lora_B = bank.pair(i)
             tensors[f"{PEFT_PREFIX}{bank.name}.lora_A.weight"] = _tensor(lora_A)
             tensors[f"{PEFT_PREFIX}{bank.name}.lora_B.weight"] = _tensor(lora_B)
-            modules[bank.name] = (bank.ranks[i], float(bank.scale[i]))
+            modules[bank.name] = (bank.rank(i), float(bank.scale_of(i)))
         config = _peft_config(modules, rslora=rslora, conv1d=any(b.conv1d for b in banks), extra=extra)
         record = {"exported_by": "moelora", "expert": names[i], "index": i,
                   "source": {k: prov.get(k) for k in ("path", "weights_file", "sha256")} if prov else None}
@@ -254,12 +270,12 @@ def _collapse(src: _Source, weights: Any, directory: Path, *, rank: int | None, 
     _check_out_dir(directory, overwrite)
     tensors, modules = {}, {}
     for bank in src.banks:
-        parts = [i for i in range(len(bank.ranks)) if w[i] != 0 and bank.ranks[i] > 0]
+        parts = [i for i in range(len(src.names)) if w[i] != 0 and bank.rank(i) > 0]
         if not parts:
             continue
         # float64 for the products and the SVD; stored back in the adapter dtype.
         lora_A = torch.cat([bank.pair(i)[0].double() for i in parts])
-        lora_B = torch.cat([bank.pair(i)[1].double() * (w[i] * bank.scale[i].double()) for i in parts], dim=1)
+        lora_B = torch.cat([bank.pair(i)[1].double() * (w[i] * bank.scale_of(i).double()) for i in parts], dim=1)
         if rank is not None and rank < lora_A.shape[0]:
             u, s, vh = torch.linalg.svd(lora_B @ lora_A, full_matrices=False)
             root = s[:rank].sqrt()  # split the singular values evenly between the two factors
@@ -304,16 +320,15 @@ def _saved_source(path: str | os.PathLike) -> _Source:
                     if not torch.isfinite(got[part]).all():
                         raise ValueError(f"{weights_file}: {key} holds NaN/inf; the adapter is broken.")
                 omega = f.get_tensor(f"{name}.router.omega") if f"{name}.router.omega" in keys else None
-                banks.append(_Bank(name, ranks, _with_omega(got["scale"], omega), got["A"], got["Bt"]))
+                banks.append(_Bank(name, ranks, _with_omega(got["scale"], omega), got["A"], got["Bt"],
+                                   origin=space.layer_origin(config, name)))
     except SafetensorError as err:
         raise ValueError(f"{weights_file} is corrupt or truncated ({err}).") from err
-    if not banks or len({len(b.ranks) for b in banks}) != 1:
+    if not banks or len({len(b.ranks) if b.origin is None else -1 for b in banks} - {-1}) > 1:
         raise ValueError(f"{directory / 'moelora_config.json'} lists no wrapped modules, or modules with "
                          "different expert counts.")
-    n = len(banks[0].ranks)
-    provenance = getattr(config, "experts", None) or []
-    names = [provenance[i]["name"] if i < len(provenance) else f"expert_{i}" for i in range(n)]
-    return _Source(banks, config, names, (meta.get("base_model") or {}).get("name_or_path"))
+    n = space.num_experts(config, max(len(b.ranks) for b in banks))
+    return _Source(banks, config, space.expert_names(config, n), (meta.get("base_model") or {}).get("name_or_path"))
 
 
 def export_saved_adapter(path: str | os.PathLike, out: str | os.PathLike, *,

@@ -59,6 +59,9 @@ class MeteoRARouter(nn.Module):
                 self.gate.weight.zero_()
         # Static routing override (see moelora.select_experts): [N] weights or None.
         self.forced: Tensor | None = None
+        # Task id (an adapter index in the model-wide numbering) → this gate's expert, -1 where
+        # the layer dropped that adapter (WeightLoRA); None = the same numbering. Set with the ids.
+        self.task_lookup: Tensor | None = None
         # The model-wide AdapterState (for task ids and the gate count); bound by set_task_ids.
         object.__setattr__(self, "_state", None)
 
@@ -93,6 +96,9 @@ class MeteoRARouter(nn.Module):
         """Every token to the experts with a non-zero forced weight, with those weights."""
         forced = self.forced.cpu()  # select_experts keeps it on the host: nonzero() without a device sync
         ids = forced.nonzero().view(-1)
+        if ids.numel() == 0:  # none of the chosen adapters is kept in this layer (WeightLoRA)
+            return (torch.full((num_tokens, 1), -1, dtype=torch.long, device=logits.device),
+                    logits.new_zeros(num_tokens, 1))
         expert_ids = ids.to(logits.device).view(1, -1).expand(num_tokens, -1)
         weights = forced[ids].to(logits.device, logits.dtype).view(1, -1).expand(num_tokens, -1)
         return expert_ids, weights
@@ -111,6 +117,9 @@ class MeteoRARouter(nn.Module):
                 "moelora.set_task_ids right before the forward (a per-sequence layer such as a pooler needs "
                 "one id per sequence).")
         target = target.to(logits.device).long()
+        if self.task_lookup is not None:
+            lut = self.task_lookup.to(logits.device)
+            target = torch.where(target >= 0, lut[target.clamp(min=0, max=lut.numel() - 1)], -1)
         valid = target >= 0
         if token_mask is not None:
             valid = valid & token_mask

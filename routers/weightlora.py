@@ -104,7 +104,9 @@ class OmegaRouter(nn.Module):
         if self.over == "heads":
             r = self.inner(x, token_mask=token_mask)
             return dataclasses.replace(r, weights=r.weights * self.omega[0])
-        subset = self.active_experts()
+        # A forced (static) routing of the inner gate (moelora.select_experts) names experts in the
+        # bank's numbering; an inactive expert's ω is 0, so it still contributes nothing.
+        subset = None if getattr(self.inner, "forced", None) is not None else self.active_experts()
         r = self.inner(x, token_mask=token_mask) if subset is None else self._route_subset(x, token_mask, subset)
         gate = self.omega[r.expert_ids.clamp(min=0)]
         return dataclasses.replace(r, weights=r.weights * gate.to(r.weights.dtype))

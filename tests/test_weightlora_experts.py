@@ -5,6 +5,7 @@ zeroed (after thresholding: ω = 0 and out of the routing) for the pruned model;
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from conftest import tiny_llama
 
 import moelora
 from moelora import weightlora
+from moelora.lora_export import export_saved_adapter
+from moelora.methods import meteora
 from moelora.state import get_state
 
 TARGETS = ["q_proj", "v_proj"]
@@ -198,24 +201,36 @@ def make_adapter(base, path, targets, *, r, alpha, seed):
     return str(path)
 
 
+def three_adapters(base, tmp_path):
+    """PEFT adapters a (q, v; r 4), b (v only; r 2) and c (q, v; r 8) of ``base``."""
+    return {"a": make_adapter(base, tmp_path / "a", ["q_proj", "v_proj"], r=4, alpha=8, seed=1),
+            "b": make_adapter(base, tmp_path / "b", ["v_proj"], r=2, alpha=4, seed=2),
+            "c": make_adapter(base, tmp_path / "c", ["q_proj", "v_proj"], r=8, alpha=8, seed=3)}
+
+
+def gated_fusion(adapters, **meteora):
+    """WeightLoRA(over="experts", keep=2) over a MeteoRA top-2 fusion of ``adapters``."""
+    base_method = moelora.MeteoRAConfig(top_k=2, adapters=adapters, **meteora).to_dict()
+    return moelora.inject(tiny_llama(), moelora.WeightLoRAConfig(over="experts", keep=2, base_method=base_method))
+
+
+def set_omega(model, values):
+    with torch.no_grad():
+        for layer in moelora.wrapped_layers(model):
+            layer.router.omega.copy_(torch.tensor(values))
+
+
 def test_keep_only_necessary_adapters_of_a_meteora_fusion(tmp_path, token_ids):
-    base = tiny_llama()
-    adapters = {"a": make_adapter(base, tmp_path / "a", ["q_proj", "v_proj"], r=4, alpha=8, seed=1),
-                "b": make_adapter(base, tmp_path / "b", ["v_proj"], r=2, alpha=4, seed=2),
-                "c": make_adapter(base, tmp_path / "c", ["q_proj", "v_proj"], r=8, alpha=8, seed=3)}
+    adapters = three_adapters(tiny_llama(), tmp_path)
     fused = moelora.from_lora_adapters(tiny_llama(), adapters, config=moelora.MeteoRAConfig(top_k=2)).eval()
     want = out(fused, token_ids)
-    meteora = moelora.MeteoRAConfig(top_k=2, adapters=adapters)
-    model = moelora.inject(tiny_llama(), moelora.WeightLoRAConfig(over="experts", keep=2,
-                                                                 base_method=meteora.to_dict()))
+    model = gated_fusion(adapters)
     with torch.no_grad():
         for a, b in zip(moelora.wrapped_layers(fused), moelora.wrapped_layers(model)):
             b.router.inner.gate.weight.copy_(a.router.gate.weight)
     torch.testing.assert_close(out(model, token_ids), want, atol=0, rtol=0)  # ω = 1: the fusion itself
     assert moelora.wrapped_layers(model)[0].router.expert_names == ["a", "b", "c"]
-    with torch.no_grad():
-        for layer in moelora.wrapped_layers(model):
-            layer.router.omega.copy_(torch.tensor([0.2, 1.5, 1.0]))
+    set_omega(model, [0.2, 1.5, 1.0])
     weightlora.hard_threshold(model)
     reference = copy.deepcopy(model)
     weightlora.disconnect(model)
@@ -227,3 +242,66 @@ def test_keep_only_necessary_adapters_of_a_meteora_fusion(tmp_path, token_ids):
     moelora.save_adapter(model, tmp_path / "kept")
     loaded = moelora.load_adapter(tiny_llama(), tmp_path / "kept")
     torch.testing.assert_close(out(loaded, token_ids), out(model, token_ids), atol=0, rtol=0)
+
+
+def _pruned_fusion(tmp_path):
+    """A MeteoRA fusion of a, b, c under WeightLoRA(over="experts", keep=2), disconnected: q_proj
+    keeps a and c, v_proj keeps b and c (as in the test above). Returns the model, its state
+    just before disconnection (every expert, ω folded in the same way) and the base for PEFT."""
+    base = tiny_llama()
+    model = gated_fusion(three_adapters(base, tmp_path), gate_loss_coef=1.0)
+    set_omega(model, [0.2, 1.5, 1.0])
+    weightlora.hard_threshold(model)
+    reference = copy.deepcopy(model)
+    weightlora.disconnect(model)
+    return model, reference, base
+
+
+def test_pruned_fusion_keeps_the_model_wide_adapter_numbering(tmp_path, token_ids):
+    model, reference, base = _pruned_fusion(tmp_path)
+    assert meteora.expert_names(model) == ["a", "b", "c"]
+    # select_experts names adapters model-wide; a layer that dropped one routes to nothing there,
+    # which is what the unpruned model does with that adapter's ω = 0 (or rank 0).
+    for choice in ("a", "b", "c", {"a": 0.5, "c": 1.0}):
+        with moelora.select_experts(model, choice), moelora.select_experts(reference, choice):
+            torch.testing.assert_close(out(model, token_ids), out(reference, token_ids), atol=1e-6, rtol=0)
+    # Exported adapters follow the same numbering: "b" only lives in v_proj, "a" only in q_proj.
+    exported = moelora.export_lora_adapters(model, tmp_path / "peft")
+    from peft import PeftModel
+
+    for name, path in exported.items():
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+        with moelora.select_experts(model, name):
+            torch.testing.assert_close(out(peft_model, token_ids), out(model, token_ids), atol=1e-5, rtol=0)
+    config = json.loads((exported["b"] / "adapter_config.json").read_text())
+    assert all(m.endswith("v_proj") for m in config["target_modules"])
+    saved = tmp_path / "saved"
+    moelora.save_adapter(model, saved)
+    again = export_saved_adapter(saved, tmp_path / "from_saved")
+    for name in exported:
+        assert (again[name] / "adapter_model.safetensors").read_bytes() == \
+            (exported[name] / "adapter_model.safetensors").read_bytes()
+
+
+def test_pruned_fusion_supervises_each_gate_in_its_own_numbering(tmp_path, token_ids):
+    model, _, _ = _pruned_fusion(tmp_path)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj").router.inner
+    v = model.get_submodule("model.layers.0.self_attn.v_proj").router.inner
+    tasks = torch.tensor([[0] * 7, [2] * 7])  # sequence 0 is adapter "a", sequence 1 is "c"
+    moelora.set_task_ids(model, tasks)
+    assert q.task_lookup.tolist() == [0, -1, 1] and v.task_lookup.tolist() == [-1, 0, 1]
+    captured = {}
+    hooks = [g.register_forward_hook(lambda m, a, o, key=key: captured.__setitem__(key, a[0].detach()))
+             for key, g in (("q", q), ("v", v))]
+    model.train()
+    model(input_ids=token_ids)
+    for h in hooks:
+        h.remove()
+    gates = len(get_state(model).wrapped)
+    for key, gate, local in (("q", q, torch.tensor([0] * 7 + [1] * 7)),   # a → 0, c → 1
+                             ("v", v, torch.tensor([-1] * 7 + [1] * 7))):  # a was dropped here: unsupervised
+        logits = gate.logits(captured[key])
+        keep = local >= 0
+        want = torch.nn.functional.cross_entropy(logits[keep], local[keep]) / gates
+        moelora.set_task_ids(model, tasks)
+        torch.testing.assert_close(gate._gate_loss(logits, None), want)

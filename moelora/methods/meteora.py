@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from moelora import expert_space as space
 from moelora.config import MoELoRAConfig, _fail, _is_number, register_config
 from moelora.inject import attach_adapter, build_adapter
 from moelora.layer import wrapped_layers
@@ -299,9 +300,21 @@ class _TaskIdConsumer:
 _CONSUMERS: "weakref.WeakKeyDictionary[nn.Module, _TaskIdConsumer]" = weakref.WeakKeyDictionary()
 
 
+def meteora_gates(model: nn.Module) -> list[tuple[nn.Module, MeteoRARouter]]:
+    """``(layer, gate)`` for every MeteoRA gate of ``model`` in module order, including gates
+    wrapped by another router (WeightLoRA's ω over a MeteoRA fusion)."""
+    out = []
+    for layer in wrapped_layers(model):
+        router = layer.router
+        gate = router if isinstance(router, MeteoRARouter) else getattr(router, "inner", None)
+        if isinstance(gate, MeteoRARouter):
+            out.append((layer, gate))
+    return out
+
+
 def meteora_routers(model: nn.Module) -> list[MeteoRARouter]:
     """The MeteoRA gates of ``model``, in module order."""
-    return [layer.router for layer in wrapped_layers(model) if isinstance(layer.router, MeteoRARouter)]
+    return [gate for _, gate in meteora_gates(model)]
 
 
 def set_task_ids(model: nn.Module, task_ids: Tensor | None) -> None:
@@ -342,12 +355,15 @@ def set_task_ids(model: nn.Module, task_ids: Tensor | None) -> None:
         raise TypeError(f"task_ids must be an integer tensor [batch, seq] (one id per token), got "
                         f"{getattr(task_ids, 'dtype', type(task_ids).__name__)}")
     ids = task_ids.detach().to(torch.long).clone()  # a fresh object: see _TaskIdConsumer
-    routers = meteora_routers(model)
-    if routers and ids.numel() and int(ids.max()) >= routers[0].num_experts:
-        raise ValueError(f"task_ids holds id {int(ids.max())} but the model fuses {routers[0].num_experts} "
-                         f"adapters (ids 0..{routers[0].num_experts - 1}, negative = ignore).")
-    for router in routers:
+    gates = meteora_gates(model)
+    count = space.num_experts(state.config, gates[0][1].num_experts) if gates else 0
+    if gates and ids.numel() and int(ids.max()) >= count:
+        raise ValueError(f"task_ids holds id {int(ids.max())} but the model fuses {count} "
+                         f"adapters (ids 0..{count - 1}, negative = ignore).")
+    for layer, router in gates:
         router.bind_state(state)
+        origin = space.layer_origin(state.config, layer.name)
+        router.task_lookup = None if origin is None else space.lookup(origin, count)
     consumer = _CONSUMERS.get(model)
     if consumer is None or consumer.state is not state:
         consumer = _TaskIdConsumer(state)
@@ -358,12 +374,12 @@ def set_task_ids(model: nn.Module, task_ids: Tensor | None) -> None:
 
 # ------------------------------------------------------------------------------- static routing
 def expert_names(model: nn.Module) -> list[str]:
-    """Expert names in gate order: the adapters' names, or ``expert_<i>`` for non-imported ones."""
+    """Expert names in the model-wide numbering (gate order before any WeightLoRA pruning): the
+    adapters' names, or ``expert_<i>`` for non-imported ones."""
     state = get_state(model)
     layers = wrapped_layers(model)
-    n = layers[0].bank.num_experts if layers else 0
-    provenance = getattr(state.config, "experts", None) or []
-    return [provenance[i]["name"] if i < len(provenance) else f"expert_{i}" for i in range(n)]
+    n = space.num_experts(state.config, layers[0].bank.num_experts) if layers else 0
+    return space.expert_names(state.config, n)
 
 
 def resolve_expert_weights(names: list[str], weights: Any) -> Tensor:
@@ -405,13 +421,15 @@ def select_experts(model: nn.Module, weights: Any) -> Iterator[nn.Module]:
     ``Σ_i w_i · scale_i B_i A_i x`` (weights used as given, not renormalised; what
     :func:`moelora.collapse_lora_adapters` exports).
     """
-    routers = meteora_routers(model)
-    if not routers:
+    gates = meteora_gates(model)
+    if not gates:
         raise ValueError("select_experts needs a MeteoRA model (built with moelora.from_lora_adapters).")
     forced = resolve_expert_weights(expert_names(model), weights).float()
+    config = get_state(model).config
+    routers = [r for _, r in gates]
     previous = [r.forced for r in routers]
-    for r in routers:
-        r.forced = forced
+    for layer, r in gates:  # a layer that dropped an adapter (WeightLoRA) routes only to what it kept
+        r.forced = space.to_layer(forced, space.layer_origin(config, layer.name))
     try:
         yield model
     finally:
