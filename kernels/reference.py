@@ -237,13 +237,24 @@ def grouped_lora_forward(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, w
     gs = weights.reshape(-1).index_select(0, slots)              # [n] gate weight per sorted slot
     hs = x.new_zeros(slots.numel(), r_max)
     y = x.new_zeros(T, Bt.shape[1])
+    xe_buf, ye_buf = _workspace(x, counts, x.shape[1]), _workspace(x, counts, Bt.shape[1])
     for e, rows, lo, hi in _expert_slices(counts, rank_offsets):
         if hi == lo:
             continue
-        h = x.index_select(0, tok[rows]) @ A[lo:hi].t()         # [c, r_e]
+        te = tok[rows]
+        h = torch.index_select(x, 0, te, out=xe_buf[:te.numel()]) @ A[lo:hi].t()   # [c, r_e]
         hs[rows, :hi - lo] = h
-        y.index_add_(0, tok[rows], (h * (gs[rows] * scale_e[e]).unsqueeze(1)) @ Bt[lo:hi])
+        ye = torch.mm(h * (gs[rows] * scale_e[e]).unsqueeze(1), Bt[lo:hi], out=ye_buf[:te.numel()])
+        y.index_add_(0, te, ye)
     return y, x.new_zeros(T * k, r_max).index_copy_(0, slots, hs)
+
+
+def _workspace(like: Tensor, counts: list[int], width: int) -> Tensor:
+    """One ``[max count, width]`` buffer that every expert's rows reuse. A fresh buffer per expert
+    measured up to 10x slower on CPU for the largest expert: glibc raises its mmap threshold to
+    the largest block freed, so the largest per-expert buffer is mmapped and page-faulted again
+    on every call."""
+    return like.new_empty(max(counts, default=0), width)
 
 
 def grouped_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, hs: Tensor, expert_ids: Tensor,
@@ -264,19 +275,24 @@ def grouped_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, hs: 
     gA = torch.zeros_like(A) if need_A else None
     gB = torch.zeros_like(Bt) if need_Bt else None
     gws = hs.new_zeros(slots.numel()) if need_w else None
+    dy_buf = _workspace(grad_y, counts, grad_y.shape[1])
+    xe_buf = _workspace(x, counts, x.shape[1]) if need_A else None
+    dx_buf = _workspace(x, counts, x.shape[1]) if need_x else None
     for e, rows, lo, hi in _expert_slices(counts, rank_offsets):
         if hi == lo:
             continue
         te = tok[rows]
-        dy, h, g = grad_y.index_select(0, te), hss[rows, :hi - lo], (gs[rows] * scale_e[e]).unsqueeze(1)
+        c = te.numel()
+        dy, h, g = torch.index_select(grad_y, 0, te, out=dy_buf[:c]), hss[rows, :hi - lo], \
+            (gs[rows] * scale_e[e]).unsqueeze(1)
         du = dy @ Bt[lo:hi].t()                                  # [c, r_e]
         if need_w:
             torch.sum(du * h, 1, out=gws[rows]).mul_(scale_e[e])
         gdu = g * du
         if need_x:
-            gx.index_add_(0, te, gdu @ A[lo:hi])
+            gx.index_add_(0, te, torch.mm(gdu, A[lo:hi], out=dx_buf[:c]))
         if need_A:
-            torch.mm(gdu.t(), x.index_select(0, te), out=gA[lo:hi])
+            torch.mm(gdu.t(), torch.index_select(x, 0, te, out=xe_buf[:c]), out=gA[lo:hi])
         if need_Bt:
             torch.mm((g * h).t(), dy, out=gB[lo:hi])
     gw = hs.new_zeros(T * k).index_copy_(0, slots, gws).view(T, k) if need_w else None
