@@ -160,22 +160,27 @@ class LayerStats:
 
 @dataclass
 class _Pending:
-    """One layer's statistics since they were last settled, on the routing's device."""
+    """One layer's statistics since they were last settled, on the routing's device. The counts
+    are the co-activation's diagonal (a 0/1 row's self-product is itself), not kept twice."""
 
-    counts: Tensor
     prob_sum: Tensor
     dropped: Tensor
     coactivation: Tensor
-    tokens: Tensor  # 0-d int64
+    masked_tokens: Tensor  # 0-d int64: real tokens of the forwards that had a token mask
+    tokens: int = 0  # tokens of the forwards without one (known on the host)
     forwards: int = 0
     task_counts: Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.prob_sum.numel()
 
     @classmethod
     def zeros(cls, num_experts: int, device: torch.device) -> "_Pending":
         # float64 where the device has it (exact counts past 2**24 slots); MPS has no float64.
         dtype = torch.float32 if device.type == "mps" else torch.float64
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(num_experts), z(num_experts), z(num_experts), z(num_experts, num_experts),
+        return cls(z(num_experts), z(num_experts), z(num_experts, num_experts),
                    torch.zeros((), dtype=torch.long, device=device))
 
 
@@ -210,12 +215,13 @@ class LoadTracker:
         for name, p in self._pending.items():
             stats = self._layers.get(name)
             if stats is None:
-                stats = self._layers[name] = LayerStats.empty(p.counts.numel())
-            stats.counts += p.counts.cpu().double()
+                stats = self._layers[name] = LayerStats.empty(p.num_experts)
+            coactivation = p.coactivation.cpu().double()
+            stats.counts += coactivation.diagonal()
             stats.prob_sum += p.prob_sum.cpu().double()
             stats.dropped += p.dropped.cpu().double()
-            stats.coactivation += p.coactivation.cpu().double()
-            stats.tokens += int(p.tokens)
+            stats.coactivation += coactivation
+            stats.tokens += p.tokens + int(p.masked_tokens)
             stats.forwards += p.forwards
             if p.task_counts is not None:
                 stats.grow_tasks(p.task_counts.shape[0])[:p.task_counts.shape[0]] += p.task_counts.cpu().double()
@@ -242,7 +248,7 @@ class LoadTracker:
             return
         dev = expert_ids.device
         p = self._pending.get(name)
-        if p is None or p.counts.device != dev or p.counts.numel() != num_experts:
+        if p is None or p.prob_sum.device != dev or p.num_experts != num_experts:
             if p is not None:
                 self._settle()
             p = self._pending[name] = _Pending.zeros(num_experts, dev)
@@ -250,16 +256,18 @@ class LoadTracker:
         real = None if token_mask is None else token_mask.to(dev).reshape(-1, 1)
         if real is not None:
             valid = valid & real
-        chosen = torch.zeros(expert_ids.shape[0], num_experts + 1, dtype=p.counts.dtype, device=dev)
+        chosen = torch.zeros(expert_ids.shape[0], num_experts + 1, dtype=p.prob_sum.dtype, device=dev)
         chosen = chosen.scatter_(1, torch.where(valid, expert_ids, num_experts).long(), 1.0)[:, :num_experts]
-        p.counts += chosen.sum(0)
         p.coactivation += chosen.t() @ chosen
         if probs is not None:
             pr = probs.to(p.prob_sum.dtype)
             p.prob_sum += (pr if real is None else torch.where(real, pr, 0)).sum(0)
         if dropped is not None:
             p.dropped += dropped.to(p.dropped.dtype)
-        p.tokens += expert_ids.shape[0] if real is None else real.sum()
+        if real is None:
+            p.tokens += expert_ids.shape[0]
+        else:
+            p.masked_tokens += real.sum()
         p.forwards += 1
         if task_ids is not None and task_ids.numel() == expert_ids.shape[0]:
             tasks = task_ids.reshape(-1).to(dev).long()
