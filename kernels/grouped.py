@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import resolve_backend, triton_ops
+from .ops import device_constant, resolve_backend, triton_ops
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ def grouped_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: 
         raise ValueError(f"grouped_lora: plan was built for {plan.num_slots} slots, k={plan.top_k}, "
                          f"E={plan.num_experts}; the routing has {expert_ids.numel()} slots, "
                          f"k={expert_ids.shape[1]}, E={E}. Rebuild it with build_routing_plan.")
-    roff_t = torch.tensor(offsets, dtype=torch.int32, device=x.device)
+    roff_t = device_constant(offsets, x.device, torch.int32)
     return _GroupedLoRAFn.apply(x, A, Bt, weights.to(A.dtype), expert_ids, scale.to(A.dtype), roff_t,
                                 plan.sorted_slot_ids, plan.block_expert, plan.block_offsets,
                                 tuple(offsets), plan.block_m, impl, not deterministic)

@@ -93,6 +93,29 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     return "triton" if usable and dtype_ok and triton_available() else "torch"
 
 
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def device_constant(values: Sequence[int | float], device: torch.device | str,
+                    dtype: torch.dtype = torch.long) -> Tensor:
+    """``torch.tensor(values)`` on ``device``, built once per (values, device, dtype) and reused.
+
+    For small host-known constants (rank offsets, kept-expert indices) used in every forward:
+    a fresh ``torch.tensor(..., device="cuda")`` is a blocking host-to-device copy, which waits
+    for everything queued on the GPU (a sync per layer per forward). Not cached while
+    ``torch.compile`` traces (the tensor would be a fake one)."""
+    key = (tuple(values), str(device), dtype)
+    hit = _CONSTANTS.get(key)
+    if hit is not None:
+        return hit
+    tensor = torch.tensor(list(values), dtype=dtype, device=device)
+    if not torch.compiler.is_compiling():
+        if len(_CONSTANTS) >= 4096:  # bounded: shapes come from the model's banks, a handful each
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = tensor
+    return tensor
+
+
 def triton_ops():
     """``torch.ops.moelora`` with the Triton custom ops registered (imports triton on first call)."""
     from .triton import library  # noqa: F401  (registers the ops)
@@ -204,7 +227,7 @@ def gated_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Te
         offsets = [0]
         for r in ranks:
             offsets.append(offsets[-1] + int(r))
-        first = torch.tensor([min(o, A.shape[0] - 1) for o in offsets[:-1]], device=col_scale.device)
+        first = device_constant([min(o, A.shape[0] - 1) for o in offsets[:-1]], col_scale.device)
         return grouped_lora(x, A, Bt, expert_ids, weights, ranks, col_scale[first], backend=impl)
     args = (x, A, Bt, weights.to(A.dtype), expert_ids, col_expert, col_scale.to(A.dtype), num_experts, impl)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:4])):

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelora.kernels.ops import device_constant
+
 from .base import Routing
 
 
@@ -61,7 +63,7 @@ class MeteoRARouter(nn.Module):
         self.forced: Tensor | None = None
         # Task id (an adapter index in the model-wide numbering) → this gate's expert, -1 where
         # the layer dropped that adapter (WeightLoRA); None = the same numbering. Set with the ids.
-        self.task_lookup: Tensor | None = None
+        self.task_lookup: tuple[int, ...] | None = None
         # The model-wide AdapterState (for task ids and the gate count); bound by set_task_ids.
         object.__setattr__(self, "_state", None)
 
@@ -99,8 +101,9 @@ class MeteoRARouter(nn.Module):
         if ids.numel() == 0:  # none of the chosen adapters is kept in this layer (WeightLoRA)
             return (torch.full((num_tokens, 1), -1, dtype=torch.long, device=logits.device),
                     logits.new_zeros(num_tokens, 1))
-        expert_ids = ids.to(logits.device).view(1, -1).expand(num_tokens, -1)
-        weights = forced[ids].to(logits.device, logits.dtype).view(1, -1).expand(num_tokens, -1)
+        expert_ids = device_constant(ids.tolist(), logits.device).view(1, -1).expand(num_tokens, -1)
+        weights = device_constant(forced[ids].tolist(), logits.device, logits.dtype)
+        weights = weights.view(1, -1).expand(num_tokens, -1)
         return expert_ids, weights
 
     def _gate_loss(self, logits: Tensor, token_mask: Tensor | None) -> Tensor | None:
@@ -118,7 +121,7 @@ class MeteoRARouter(nn.Module):
                 "one id per sequence).")
         target = target.to(logits.device).long()
         if self.task_lookup is not None:
-            lut = self.task_lookup.to(logits.device)
+            lut = device_constant(self.task_lookup, logits.device)
             target = torch.where(target >= 0, lut[target.clamp(min=0, max=lut.numel() - 1)], -1)
         valid = target >= 0
         if token_mask is not None:

@@ -20,6 +20,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from moelora.kernels.ops import device_constant
+
 from .base import Routing
 
 OVER = ("heads", "experts")
@@ -114,7 +116,7 @@ class OmegaRouter(nn.Module):
     def _route_subset(self, x: Tensor, token_mask: Tensor | None, subset: list[int]) -> Routing:
         """The inner router run on the rows of experts ``subset`` only, ids mapped back to the bank."""
         inner, e = self.inner, self.num_experts
-        index = torch.tensor(subset, device=self.omega.device)
+        index = device_constant(subset, self.omega.device)
         rows = {name: t.index_select(0, index.to(t.device)) for name, t in expert_rows(inner, e).items()}
         saved = inner.num_experts, inner.top_k
         inner.num_experts, inner.top_k = len(subset), min(inner.top_k, len(subset))

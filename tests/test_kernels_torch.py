@@ -275,3 +275,11 @@ def test_inference_fast_path_equals_the_autograd_path():
         fast = run(x)
     assert fast.grad_fn is None and torch.equal(fast, with_grad.detach())
     assert torch.equal(run(x.detach()), fast)
+
+
+def test_device_constants_are_built_once_per_value_device_and_dtype():
+    a = ops_mod.device_constant([0, 40, 90], "cpu", torch.int32)
+    assert a.dtype == torch.int32 and a.tolist() == [0, 40, 90]
+    assert ops_mod.device_constant((0, 40, 90), torch.device("cpu"), torch.int32) is a  # no new copy
+    assert ops_mod.device_constant([0, 40, 90], "cpu") is not a                         # int64 differs
+    assert ops_mod.device_constant([0, 40, 91], "cpu", torch.int32).tolist() == [0, 40, 91]

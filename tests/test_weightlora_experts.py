@@ -289,7 +289,7 @@ def test_pruned_fusion_supervises_each_gate_in_its_own_numbering(tmp_path, token
     v = model.get_submodule("model.layers.0.self_attn.v_proj").router.inner
     tasks = torch.tensor([[0] * 7, [2] * 7])  # sequence 0 is adapter "a", sequence 1 is "c"
     moelora.set_task_ids(model, tasks)
-    assert q.task_lookup.tolist() == [0, -1, 1] and v.task_lookup.tolist() == [-1, 0, 1]
+    assert q.task_lookup == (0, -1, 1) and v.task_lookup == (-1, 0, 1)
     captured = {}
     hooks = [g.register_forward_hook(lambda m, a, o, key=key: captured.__setitem__(key, a[0].detach()))
              for key, g in (("q", q), ("v", v))]

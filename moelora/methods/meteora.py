@@ -363,7 +363,7 @@ def set_task_ids(model: nn.Module, task_ids: Tensor | None) -> None:
     for layer, router in gates:
         router.bind_state(state)
         origin = space.layer_origin(state.config, layer.name)
-        router.task_lookup = None if origin is None else space.lookup(origin, count)
+        router.task_lookup = None if origin is None else tuple(space.lookup(origin, count).tolist())
     consumer = _CONSUMERS.get(model)
     if consumer is None or consumer.state is not state:
         consumer = _TaskIdConsumer(state)

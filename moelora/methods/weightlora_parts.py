@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from moelora.balance import LoadTracker
+from moelora.kernels.ops import device_constant
 from moelora.experts import ExpertBank
 
 PLUS_INITS = ("zero_b", "zero_a")
@@ -51,7 +52,7 @@ class WeightLoRATracker(LoadTracker):
         mapping = self.expert_maps.get(name)
         if mapping is not None and len(mapping[0]) == num_experts != mapping[1]:
             kept, num_experts = mapping
-            index = torch.tensor(kept, dtype=torch.long, device=expert_ids.device)
+            index = device_constant(kept, expert_ids.device)
             expert_ids = torch.where(expert_ids >= 0, index[expert_ids.clamp(min=0)], expert_ids)
             if probs is not None:
                 probs = probs.new_zeros(probs.shape[0], num_experts).index_copy(1, index.to(probs.device), probs)
