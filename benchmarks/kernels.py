@@ -393,7 +393,7 @@ def main(argv=None):
     rows = []
     for case in grid:
         rows.append(run_case(*case, dtype, reps, impls, bw))
-        print(json.dumps({k: (round(v * 1e3, 3) if isinstance(v, float) and ":" in k and "x_" not in k else v)
+        print(json.dumps({k: (round(v * 1e3, 3) if isinstance(v, float) and ":" in k and not k.startswith(("x_", "ceiling", "hbm")) else v)
                           for k, v in rows[-1].items() if k != "notes"}), flush=True)
     sweep = []
     for T in sweep_T:
