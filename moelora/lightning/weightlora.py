@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from moelora.inject import trainable_parameters
@@ -30,8 +31,12 @@ class WeightLoRACallback(L.Callback):
       ``weightlora/trainable_params`` and, per head, ``weightlora/<layer>/omega`` (|ω|, its mean
       over experts with ``over="experts"``) every ``log_every_n_steps`` and at every event; keeps the
       ω snapshot in the tracker (``tracker.gates``) for the routing dashboard.
-    - Disconnection changes the parameter set, which DDP cannot follow: a run that would
-      disconnect must use one process (a run resumed after disconnection may use DDP).
+    - Disconnection changes the parameter set. Under DDP (``strategy="ddp"``: the spawn and fork
+      launchers copy the final weights back into an unpruned module, so they are refused) the
+      model is wrapped again right after it, so the new reducer covers exactly the kept (and grown)
+      parameters; every rank takes the same decision, since ω is synchronised and hard
+      thresholding is deterministic. Other multi-process strategies (FSDP, DeepSpeed) cannot
+      follow the change: there a run that would disconnect must use one process.
 
     Args:
         log_every_n_steps: logging interval (default: the trainer's).
@@ -45,11 +50,22 @@ class WeightLoRACallback(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         config = weightlora_config(pl_module.model)
+        strategy = trainer.strategy
         if config.stage == "warmup" and trainer.world_size > 1:
-            raise RuntimeError(
-                f"WeightLoRA disconnects heads after warmup_steps={config.warmup_steps}, which changes the trained "
-                f"parameters; the {type(trainer.strategy).__name__} strategy ({trainer.world_size} processes) cannot "
-                "follow that. Run the warm-up in one process (devices=1), then resume from its checkpoint with DDP.")
+            if not isinstance(strategy, DDPStrategy):
+                raise RuntimeError(
+                    f"WeightLoRA disconnects heads after warmup_steps={config.warmup_steps}, which changes the "
+                    f"trained parameters; the {type(strategy).__name__} strategy ({trainer.world_size} processes) "
+                    "cannot follow that. Use strategy='ddp', or run the warm-up in one process (devices=1) and "
+                    "resume from its checkpoint with this strategy.")
+            if getattr(strategy, "_start_method", "popen") != "popen":
+                # ddp_spawn / ddp_fork / ddp_notebook copy the workers' final weights back into the
+                # main process's module, which still has the warm-up layout: the shapes no longer fit.
+                raise RuntimeError(
+                    f"WeightLoRA changes the model's parameters at warmup_steps={config.warmup_steps}; with the "
+                    f"'{strategy._start_method}' launcher Lightning loads the workers' final weights back into "
+                    "the main process's unpruned module, which fails. Use strategy='ddp' (one launched process "
+                    "per device).")
         self.controller = WeightLoRAController(pl_module.model)
         record_gates(pl_module.model)  # the dashboard's first window sees every head's ω
 
@@ -64,6 +80,7 @@ class WeightLoRACallback(L.Callback):
         event = self.controller.step(trainer.optimizers, step=step)
         if event is not None and event != "threshold":
             self.events.append((step, event))
+            _rewrap_ddp(trainer, pl_module)
             kept = [layer.name for layer in gated_layers(pl_module.model)]
             rank_zero_info(f"WeightLoRA: step {step}: {event}; {len(kept)} head(s) kept, "
                            f"{trainable_parameters(pl_module.model)[0]:,} trainable parameters")
@@ -86,3 +103,16 @@ class WeightLoRACallback(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         checkpoint[CHECKPOINT_KEY] = get_state(pl_module.model).config.to_dict()
+
+
+def _rewrap_ddp(trainer, pl_module) -> None:
+    """After the parameter set changed: a fresh DistributedDataParallel around the module.
+
+    The old wrapper's reducer holds buckets and autograd hooks for parameters that left the
+    model (and none for grown ones); it is dropped with the wrapper. The new one broadcasts
+    rank 0's parameters (equal on every rank already) and reduces exactly what is trained now.
+    """
+    strategy = trainer.strategy
+    if trainer.world_size > 1 and isinstance(strategy, DDPStrategy):
+        strategy.model = pl_module
+        strategy.configure_ddp()
