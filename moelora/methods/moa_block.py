@@ -25,7 +25,7 @@ from moelora.balance import recomputing
 from moelora.routers.moa import MoAGates, MoARouter
 from moelora.state import AdapterState
 
-from .moa_experts import ParallelAdapter, PromptExpert
+from .moa_experts import ParallelAdapter, PromptExpert, ddp_touch
 
 
 def _first_input(args: tuple, kwargs: dict, name: str = "hidden_states") -> Tensor:
@@ -128,6 +128,7 @@ class MoABlock(nn.Module):
             out = x.new_zeros(x.shape)
             if idx.numel():
                 out = out.index_add(0, idx, self.adapter(x.index_select(0, idx)) * w.index_select(0, idx).unsqueeze(1))
+            out = ddp_touch(out, self.adapter, self.router)
         return out.view(h.shape).to(h.dtype)
 
     def prompt_delta(self, attn: nn.Module, attn_out: Tensor) -> Tensor:

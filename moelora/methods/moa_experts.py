@@ -106,6 +106,25 @@ class MoATypeGate(nn.Module):
         return f"type={self.type_name!r}"
 
 
+def ddp_touch(out: Tensor, *modules: nn.Module) -> Tensor:
+    """``out`` plus an exact zero that depends on every trainable parameter of ``modules``, under
+    ``torch.distributed`` in a differentiable forward only.
+
+    A sparse expert that ran for no token of this rank's batch gets no gradient, and DDP's
+    reducer then fails the step (or needs ``find_unused_parameters=True``, which walks the graph
+    every step); so does the block's router when no type ran at all. With this their gradient is
+    a zero instead, which all-reduces with the other ranks' real gradients. Outside DDP nothing is
+    added (a skipped expert keeps ``grad is None``).
+    """
+    dist = torch.distributed
+    if not (torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()):
+        return out
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if not params:
+        return out
+    return out + torch.stack([p.reshape(-1)[0] for p in params]).sum().to(out.dtype) * 0
+
+
 class MoALoRALinear(MoELoRALinear):
     """A frozen linear plus one LoRA expert of type ``type_name``, scaled per token by the type's
     weight from its block's router: ``y = base(x) + w_t(x) · (α_t/r_t) · B A dropout(x)``.
@@ -139,6 +158,7 @@ class MoALoRALinear(MoELoRALinear):
             delta = flat.new_zeros(flat.shape[0], bank.out_features, dtype=bank.A.dtype)
             if idx.numel():
                 delta = delta.index_add(0, idx, self._lora(flat.index_select(0, idx), w.index_select(0, idx)))
+            delta = ddp_touch(delta, bank, self._block.router)
         if not recompute:
             active = torch.ones_like(w, dtype=torch.bool) if gates.active is None else gates.active[:, self.type_index]
             self.last_expert_ids = torch.where(active, 0, -1).unsqueeze(1)
