@@ -52,7 +52,7 @@ class WeightLoRACallback(L.Callback):
         config = weightlora_config(pl_module.model)
         strategy = trainer.strategy
         if config.stage == "warmup" and trainer.world_size > 1:
-            if not isinstance(strategy, DDPStrategy):
+            if type(strategy) is not DDPStrategy:  # not its subclasses: DeepSpeed is one
                 raise RuntimeError(
                     f"WeightLoRA disconnects heads after warmup_steps={config.warmup_steps}, which changes the "
                     f"trained parameters; the {type(strategy).__name__} strategy ({trainer.world_size} processes) "
@@ -113,6 +113,6 @@ def _rewrap_ddp(trainer, pl_module) -> None:
     rank 0's parameters (equal on every rank already) and reduces exactly what is trained now.
     """
     strategy = trainer.strategy
-    if trainer.world_size > 1 and isinstance(strategy, DDPStrategy):
+    if trainer.world_size > 1 and type(strategy) is DDPStrategy:
         strategy.model = pl_module
         strategy.configure_ddp()
