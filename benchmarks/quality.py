@@ -295,6 +295,12 @@ def target_line(name: str, value: float, goal: float, *, fmt: str = "{:.3f}", op
     return f"- Target {name} {op} {fmt.format(goal)}: **{'met' if met else 'NOT met'}** ({fmt.format(value)})."
 
 
+def cost_section(rows: dict[str, list[dict]]) -> list[str]:
+    """The "## Cost" markdown lines: each setting's training seconds per seed."""
+    return ["\n## Cost\n\n| setting | train s per seed |\n|---|---|"] + [
+        f"| {label} | {', '.join(str(r['seconds']) for r in runs)} |" for label, runs in rows.items()]
+
+
 def versus(rows: dict[str, list[dict]], ref: str) -> str:
     """One sentence: every setting's mean accuracy against ``ref``'s, with the difference and
     whether it exceeds the larger of the two seed spreads (else it is called a tie)."""

@@ -83,7 +83,5 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) ->
         lines.append("| " + " | ".join(common.fmt_ms([a[t]["activation_rate"] for a in acts], 2) for t in types) + " |")
     if "LoRA r=8" in rows:
         lines.append("\n" + Q.versus(rows, "LoRA r=8") + "\n")
-    lines.append("\n## Cost\n\n| setting | train s per seed |\n|---|---|")
-    for label, runs in rows.items():
-        lines.append(f"| {label} | {', '.join(str(r['seconds']) for r in runs)} |")
+    lines += Q.cost_section(rows)
     return "\n".join(lines) + "\n"

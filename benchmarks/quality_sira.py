@@ -93,7 +93,5 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) ->
     lines.append(Q.acc_table(table, extra_header="trainable params | dropped slots train / eval"))
     lines.append("\nAgainst the default SiRA (a difference within the larger seed spread of the two rows is a tie): "
                  + Q.versus(rows, VARIANTS[0][0]) + "\n")
-    lines.append("\n## Cost\n\n| setting | train s per seed |\n|---|---|")
-    for label, runs in rows.items():
-        lines.append(f"| {label} | {', '.join(str(r['seconds']) for r in runs)} |")
+    lines += Q.cost_section(rows)
     return "\n".join(lines) + "\n"

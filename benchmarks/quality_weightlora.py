@@ -127,7 +127,5 @@ def _markdown(ctx: Q.Context, rows: dict[str, list[dict]], seeds: list[dict]) ->
                      + f"; ranks of the kept heads: {ranks}; stage at the end: {runs[0].get('stage')}.")
     if "LoRA r=8 (all heads)" in rows:
         lines.append("\n" + Q.versus(rows, "LoRA r=8 (all heads)") + "\n")
-    lines.append("\n## Cost\n\n| setting | train s per seed |\n|---|---|")
-    for label, runs in rows.items():
-        lines.append(f"| {label} | {', '.join(str(r['seconds']) for r in runs)} |")
+    lines += Q.cost_section(rows)
     return "\n".join(lines) + "\n"

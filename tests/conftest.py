@@ -89,6 +89,18 @@ def token_ids():
     return torch.randint(0, 97, (2, 7), generator=g)
 
 
+def eval_logits(model, ids):
+    """``model(input_ids=ids).logits`` in eval mode, without autograd."""
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def optimizer_numel(opt):
+    """Elements of every parameter an optimizer holds (to see parameters leave or grow)."""
+    return sum(p.numel() for g in opt.param_groups for p in g["params"])
+
+
 def lightning_trainer(root, max_steps, callbacks=(), **kwargs):
     """A quiet CPU ``lightning.Trainer`` for tests: no logger, bar, summary, sanity or validation steps."""
     import lightning as L

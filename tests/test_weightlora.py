@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import minilm_path, tiny_llama
+from conftest import eval_logits, optimizer_numel, minilm_path, tiny_llama
 from moelora.routers.weightlora import OmegaRouter
 from safetensors import safe_open
 from torch import nn
@@ -34,16 +34,6 @@ def randomize(model, seed=0):
     for layer in weightlora.gated_layers(model):
         layer.bank.Bt.copy_(torch.randn(layer.bank.Bt.shape, generator=g) * 0.2)
         layer.router.omega.copy_(torch.rand(layer.router.omega.shape, generator=g) + 0.5)
-
-
-def logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def n_params(opt):
-    return sum(p.numel() for g in opt.param_groups for p in g["params"])
 
 
 def train_step(model, opt, ids):
@@ -181,19 +171,19 @@ def test_disconnection_frees_heads_and_matches_zeroed_omega(token_ids):
     dropped_layers = [layer for layer in weightlora.gated_layers(model) if float(layer.router.omega.detach()) == 0]
     freed = sum(p.numel() for layer in dropped_layers for p in layer.parameters() if p.requires_grad)
     watch = [weakref.ref(layer.bank.A) for layer in dropped_layers]
-    before_params, before_state = n_params(opt), len(opt.state)
+    before_params, before_state = optimizer_numel(opt), len(opt.state)
 
     dropped = weightlora.disconnect(model, opt)
     assert dropped == [lay.name for lay in dropped_layers] and len(dropped) == 4
-    assert n_params(opt) == before_params - freed and len(opt.state) == before_state - 3 * len(dropped)
-    assert n_params(opt) == moelora.trainable_parameters(model)[0]
+    assert optimizer_numel(opt) == before_params - freed and len(opt.state) == before_state - 3 * len(dropped)
+    assert optimizer_numel(opt) == moelora.trainable_parameters(model)[0]
     for name in dropped:
         assert type(model.get_submodule(name)) is nn.Linear  # the plain base layer: no LoRA compute
     assert get_state(model).wrapped == [lay.name for lay in weightlora.gated_layers(model)]
     del dropped_layers
     gc.collect()
     assert all(ref() is None for ref in watch), "dropped A / B must be freed"
-    torch.testing.assert_close(logits(model, token_ids), logits(reference, token_ids), atol=0, rtol=0)
+    torch.testing.assert_close(eval_logits(model, token_ids), eval_logits(reference, token_ids), atol=0, rtol=0)
     cfg = weightlora.weightlora_config(model)
     assert cfg.stage == "disconnected" and cfg.disconnected == dropped and len(cfg.target_modules) == 2
     assert cfg.param_budget == weightlora.lora_parameter_count(reference)
@@ -217,10 +207,10 @@ def test_plus_expansion_keeps_outputs_and_keeps_training(token_ids, plus_init):
     (layer,) = weightlora.gated_layers(model)
     old_a, old_b = layer.bank.A, layer.bank.Bt
     moments = opt.state[old_a]["exp_avg"].clone(), opt.state[old_b]["exp_avg_sq"].clone()
-    before = logits(model, token_ids)
+    before = eval_logits(model, token_ids)
 
     assert weightlora.expand_ranks(model, opt) == {layer.name: [16]}
-    after = logits(model, token_ids)
+    after = eval_logits(model, token_ids)
     # The new rows add exactly zero (B_new A_new = 0), but the matmul now sums over 16 rank
     # columns instead of 4, and BLAS may order that float32 sum differently: allow rounding.
     torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
@@ -272,10 +262,10 @@ def test_save_load_of_a_pruned_model_reproduces_outputs(tmp_path, token_ids, plu
     if plus:
         weightlora.expand_ranks(model, opt)
     train_step(model, opt, token_ids)  # the grown rows are trained too
-    want = logits(model, token_ids)
+    want = eval_logits(model, token_ids)
     moelora.save_adapter(model, tmp_path)
     loaded = moelora.load_adapter(tiny_llama(), tmp_path)
-    torch.testing.assert_close(logits(loaded, token_ids), want, atol=0, rtol=0)
+    torch.testing.assert_close(eval_logits(loaded, token_ids), want, atol=0, rtol=0)
     cfg = weightlora.weightlora_config(loaded)
     assert cfg == weightlora.weightlora_config(model)
     assert [lay.bank.ranks for lay in weightlora.gated_layers(loaded)] == \
@@ -299,7 +289,7 @@ def test_heads_over_a_moe_base_method(token_ids, tmp_path):
             a.bank.Bt.copy_(b.bank.Bt)
     assert all(isinstance(layer.router, OmegaRouter) and layer.router.omega.shape == (1,)
                for layer in moelora.wrapped_layers(model))
-    torch.testing.assert_close(logits(model, token_ids), logits(plain, token_ids), atol=0, rtol=0)  # ω = 1
+    torch.testing.assert_close(eval_logits(model, token_ids), eval_logits(plain, token_ids), atol=0, rtol=0)  # ω = 1
     cfg = weightlora.weightlora_config(model)
     assert cfg.num_experts == 3 and cfg.target_modules == get_state(plain).wrapped
     with torch.no_grad():
@@ -308,7 +298,7 @@ def test_heads_over_a_moe_base_method(token_ids, tmp_path):
     assert [lay.name for lay in weightlora.gated_layers(model)] == ["model.layers.1.self_attn.q_proj"]
     moelora.save_adapter(model, tmp_path)
     loaded = moelora.load_adapter(tiny_llama(), tmp_path)
-    torch.testing.assert_close(logits(loaded, token_ids), logits(model, token_ids), atol=0, rtol=0)
+    torch.testing.assert_close(eval_logits(loaded, token_ids), eval_logits(model, token_ids), atol=0, rtol=0)
 
 
 def test_fold_omega_then_export_gives_a_peft_lora_of_the_kept_heads(tmp_path, token_ids):
@@ -317,13 +307,13 @@ def test_fold_omega_then_export_gives_a_peft_lora_of_the_kept_heads(tmp_path, to
     randomize(model)
     weightlora.disconnect(model)
     weightlora.expand_ranks(model)
-    want = logits(model, token_ids)
+    want = eval_logits(model, token_ids)
     weightlora.fold_omega(model)
     assert all(torch.equal(w, torch.ones(1)) for w in weightlora.omega_values(model).values())
-    torch.testing.assert_close(logits(model, token_ids), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(eval_logits(model, token_ids), want, atol=1e-6, rtol=1e-6)
     (path,) = moelora.export_lora_adapters(model, tmp_path).values()
     reference = peft.PeftModel.from_pretrained(tiny_llama(), str(path)).eval()
-    torch.testing.assert_close(logits(reference, token_ids), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eval_logits(reference, token_ids), want, atol=1e-5, rtol=0)
 
 
 def test_export_folds_omega_itself_from_the_model_and_from_a_saved_adapter(tmp_path, token_ids):
@@ -335,10 +325,10 @@ def test_export_folds_omega_itself_from_the_model_and_from_a_saved_adapter(tmp_p
     randomize(model)
     weightlora.disconnect(model)
     assert any(float(w.max()) != 1.0 for w in weightlora.omega_values(model).values())
-    want = logits(model, token_ids)
+    want = eval_logits(model, token_ids)
     moelora.save_adapter(model, tmp_path / "saved")
     exported = [next(iter(moelora.export_lora_adapters(model, tmp_path / "live").values())),
                 next(iter(export_saved_adapter(tmp_path / "saved", tmp_path / "offline").values()))]
     for path in exported:
         reference = peft.PeftModel.from_pretrained(tiny_llama(), str(path)).eval()
-        torch.testing.assert_close(logits(reference, token_ids), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(eval_logits(reference, token_ids), want, atol=1e-5, rtol=0)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import eval_logits, optimizer_numel, tiny_llama
 
 import moelora
 from moelora import weightlora
@@ -34,16 +34,6 @@ def randomize(model, seed=0):
         layer.router.omega.copy_(torch.rand(layer.router.omega.shape, generator=g) + 0.5)
 
 
-def out(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def n_params(opt):
-    return sum(p.numel() for g in opt.param_groups for p in g["params"])
-
-
 def test_omega_one_equals_the_base_method(token_ids):
     plain = moelora.inject(tiny_llama(), moe())
     gated = moelora.inject(tiny_llama(), moelora.WeightLoRAConfig(over="experts", keep=2, base_method=moe().to_dict()))
@@ -51,7 +41,7 @@ def test_omega_one_equals_the_base_method(token_ids):
         for a, b in zip(moelora.wrapped_layers(plain), moelora.wrapped_layers(gated)):
             b.bank.Bt.normal_()
             a.bank.Bt.copy_(b.bank.Bt)
-    torch.testing.assert_close(out(gated, token_ids), out(plain, token_ids), atol=0, rtol=0)
+    torch.testing.assert_close(eval_logits(gated, token_ids), eval_logits(plain, token_ids), atol=0, rtol=0)
     assert all(layer.router.omega.shape == (4,) for layer in moelora.wrapped_layers(gated))
     # own fields (no base_method) build the same top-k MoE-LoRA
     own = moelora.WeightLoRAConfig(over="experts", keep=2, target_modules=TARGETS, num_experts=4, top_k=2, rank=2,
@@ -72,7 +62,7 @@ def test_threshold_keeps_k_per_bank_with_position_ties_and_routes_only_kept(toke
     for layer in layers:
         assert int((layer.router.omega != 0).sum()) == 2
         assert torch.equal(layer.router.active, kept[layer.name])
-    out(model, token_ids)
+    eval_logits(model, token_ids)
     for layer in layers:  # zeroed experts are out of the routing: no token goes there
         chosen = set(layer.last_expert_ids.flatten().tolist())
         assert chosen <= set(kept[layer.name].nonzero().flatten().tolist())
@@ -91,7 +81,7 @@ def test_pruned_experts_equal_the_unpruned_model_with_their_gates_at_zero(token_
     opt.zero_grad()
     weightlora.hard_threshold(model)
     reference = copy.deepcopy(model)
-    before = n_params(opt)
+    before = optimizer_numel(opt)
     kept = {layer.name: layer.router.active.nonzero().flatten().tolist() for layer in moelora.wrapped_layers(model)}
 
     dropped = weightlora.disconnect(model, opt)
@@ -102,32 +92,32 @@ def test_pruned_experts_equal_the_unpruned_model_with_their_gates_at_zero(token_
         assert layer.router.top_k == 2
     # bank rows (2 experts x rank 2 x (32 + d_out)), router rows and ω entries of 2 experts per layer left
     freed = sum(2 * 2 * (32 + layer.bank.out_features) + 2 * 32 + 2 for layer in moelora.wrapped_layers(model))
-    assert n_params(opt) == before - freed == moelora.trainable_parameters(model)[0]
+    assert optimizer_numel(opt) == before - freed == moelora.trainable_parameters(model)[0]
     # Same routing, same experts: the pruned bank sums 4 rank columns where the unpruned one summed 8
     # (4 of them gated to exactly 0), so float32 rounding may differ slightly.
-    torch.testing.assert_close(out(model, token_ids), out(reference, token_ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(eval_logits(model, token_ids), eval_logits(reference, token_ids), atol=1e-6, rtol=0)
     cfg = weightlora.weightlora_config(model)
     assert cfg.kept_experts == kept and cfg.stage == "disconnected" and cfg.num_experts == 4
     stats = moelora.routing_stats(model).layers
     counts_before = {n: s.counts.clone() for n, s in stats.items()}
-    out(model, token_ids)  # still recorded in the original numbering; dropped experts get nothing
+    eval_logits(model, token_ids)  # still recorded in the original numbering; dropped experts get nothing
     for name, s in moelora.routing_stats(model).layers.items():
         new = s.counts - counts_before[name]
         assert s.num_experts == 4 and new.sum() > 0
         assert all(new[e] == 0 for e in range(4) if e not in kept[name])
 
     if plus:
-        before = out(model, token_ids)
+        before = eval_logits(model, token_ids)
         ranks = weightlora.expand_ranks(model, opt)
         assert all(r == [4, 4] for r in ranks.values())  # 4 experts' rank budget on 2 kept experts
-        torch.testing.assert_close(out(model, token_ids), before, atol=1e-6, rtol=0)
+        torch.testing.assert_close(eval_logits(model, token_ids), before, atol=1e-6, rtol=0)
     model.train()
     (model(input_ids=token_ids, labels=token_ids).loss + moelora.aux_loss(model)).backward()
     opt.step()
-    want = out(model, token_ids)
+    want = eval_logits(model, token_ids)
     moelora.save_adapter(model, tmp_path)
     loaded = moelora.load_adapter(tiny_llama(), tmp_path)
-    torch.testing.assert_close(out(loaded, token_ids), want, atol=0, rtol=0)
+    torch.testing.assert_close(eval_logits(loaded, token_ids), want, atol=0, rtol=0)
     assert weightlora.weightlora_config(loaded) == weightlora.weightlora_config(model)
     assert moelora.routing_stats(loaded).expert_maps == moelora.routing_stats(model).expert_maps
     fresh = moelora.inject(tiny_llama(), weightlora.weightlora_config(model))  # the live config: same layout
@@ -143,7 +133,7 @@ def test_keep_experts_of_a_sira_adapter_with_capacity(token_ids):
     reference = copy.deepcopy(model)
     weightlora.disconnect(model)
     assert all(layer.router.inner.num_experts == 3 for layer in moelora.wrapped_layers(model))
-    torch.testing.assert_close(out(model, token_ids), out(reference, token_ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(eval_logits(model, token_ids), eval_logits(reference, token_ids), atol=1e-6, rtol=0)
 
 
 def test_add_gates_to_an_existing_adapter_then_keep_experts(token_ids, tmp_path):
@@ -153,9 +143,9 @@ def test_add_gates_to_an_existing_adapter_then_keep_experts(token_ids, tmp_path)
             layer.bank.Bt.normal_()
     moelora.save_adapter(trained, tmp_path / "moe")
     model = moelora.load_adapter(tiny_llama(), tmp_path / "moe")
-    want = out(model, token_ids)
+    want = eval_logits(model, token_ids)
     moelora.add_gates(model, over="experts", keep=1, warmup_steps=2, threshold_start=1)
-    torch.testing.assert_close(out(model, token_ids), want, atol=0, rtol=0)
+    torch.testing.assert_close(eval_logits(model, token_ids), want, atol=0, rtol=0)
     cfg = weightlora.weightlora_config(model)
     assert cfg.base_method == moe().to_dict() and cfg.top_k == 2
     with pytest.raises(ValueError, match="already has WeightLoRA gates"):
@@ -166,7 +156,7 @@ def test_add_gates_to_an_existing_adapter_then_keep_experts(token_ids, tmp_path)
         assert layer.bank.num_experts == 1 and layer.router.top_k == 1  # top_k falls to the experts left
     moelora.save_adapter(model, tmp_path / "kept")
     loaded = moelora.load_adapter(tiny_llama(), tmp_path / "kept")
-    torch.testing.assert_close(out(loaded, token_ids), out(model, token_ids), atol=0, rtol=0)
+    torch.testing.assert_close(eval_logits(loaded, token_ids), eval_logits(model, token_ids), atol=0, rtol=0)
 
 
 def test_bad_keep_for_experts_names_the_field_and_leaves_the_model_unchanged():
@@ -223,12 +213,12 @@ def set_omega(model, values):
 def test_keep_only_necessary_adapters_of_a_meteora_fusion(tmp_path, token_ids):
     adapters = three_adapters(tiny_llama(), tmp_path)
     fused = moelora.from_lora_adapters(tiny_llama(), adapters, config=moelora.MeteoRAConfig(top_k=2)).eval()
-    want = out(fused, token_ids)
+    want = eval_logits(fused, token_ids)
     model = gated_fusion(adapters)
     with torch.no_grad():
         for a, b in zip(moelora.wrapped_layers(fused), moelora.wrapped_layers(model)):
             b.router.inner.gate.weight.copy_(a.router.gate.weight)
-    torch.testing.assert_close(out(model, token_ids), want, atol=0, rtol=0)  # ω = 1: the fusion itself
+    torch.testing.assert_close(eval_logits(model, token_ids), want, atol=0, rtol=0)  # ω = 1: the fusion itself
     assert moelora.wrapped_layers(model)[0].router.expert_names == ["a", "b", "c"]
     set_omega(model, [0.2, 1.5, 1.0])
     weightlora.hard_threshold(model)
@@ -238,10 +228,10 @@ def test_keep_only_necessary_adapters_of_a_meteora_fusion(tmp_path, token_ids):
     # "b" does not touch q_proj (rank 0 there), so it ranks last: q keeps a and c; v keeps b and c
     assert q.bank.ranks == (4, 8) and q.router.expert_names == ["a", "c"]
     assert model.get_submodule("model.layers.0.self_attn.v_proj").bank.ranks == (2, 8)
-    torch.testing.assert_close(out(model, token_ids), out(reference, token_ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(eval_logits(model, token_ids), eval_logits(reference, token_ids), atol=1e-6, rtol=0)
     moelora.save_adapter(model, tmp_path / "kept")
     loaded = moelora.load_adapter(tiny_llama(), tmp_path / "kept")
-    torch.testing.assert_close(out(loaded, token_ids), out(model, token_ids), atol=0, rtol=0)
+    torch.testing.assert_close(eval_logits(loaded, token_ids), eval_logits(model, token_ids), atol=0, rtol=0)
 
 
 def _pruned_fusion(tmp_path):
@@ -264,7 +254,7 @@ def test_pruned_fusion_keeps_the_model_wide_adapter_numbering(tmp_path, token_id
     # which is what the unpruned model does with that adapter's ω = 0 (or rank 0).
     for choice in ("a", "b", "c", {"a": 0.5, "c": 1.0}):
         with moelora.select_experts(model, choice), moelora.select_experts(reference, choice):
-            torch.testing.assert_close(out(model, token_ids), out(reference, token_ids), atol=1e-6, rtol=0)
+            torch.testing.assert_close(eval_logits(model, token_ids), eval_logits(reference, token_ids), atol=1e-6, rtol=0)
     # Exported adapters follow the same numbering: "b" only lives in v_proj, "a" only in q_proj.
     exported = moelora.export_lora_adapters(model, tmp_path / "peft")
     from peft import PeftModel
@@ -272,7 +262,7 @@ def test_pruned_fusion_keeps_the_model_wide_adapter_numbering(tmp_path, token_id
     for name, path in exported.items():
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
         with moelora.select_experts(model, name):
-            torch.testing.assert_close(out(peft_model, token_ids), out(model, token_ids), atol=1e-5, rtol=0)
+            torch.testing.assert_close(eval_logits(peft_model, token_ids), eval_logits(model, token_ids), atol=1e-5, rtol=0)
     config = json.loads((exported["b"] / "adapter_config.json").read_text())
     assert all(m.endswith("v_proj") for m in config["target_modules"])
     saved = tmp_path / "saved"
