@@ -55,11 +55,11 @@ class _RankwiseLoRAFn(torch.autograd.Function):
         else:
             gate = reference.rankwise_gate(idx, R, ctx.scale, h.dtype)
             if need_Bt:
-                gB = (gate * h).t() @ grad_y
+                gB = (gate * h).t().to(grad_y.dtype) @ grad_y
             if need_x or need_A:
-                gdu = gate * (grad_y @ Bt.t())
-                gx = gdu @ A if need_x else None
-                gA = gdu.t() @ x if need_A else None
+                gdu = gate * (reference.wide(grad_y) @ reference.wide(Bt).t())
+                gx = gdu.to(A.dtype) @ A if need_x else None
+                gA = gdu.t().to(x.dtype) @ x if need_A else None
         return gx, gA, gB, None, None, None, None, None, None
 
 

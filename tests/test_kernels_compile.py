@@ -88,35 +88,50 @@ def _llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def _injected_llama(backend: str, dtype: str):
+    cfg = moelora.MoELoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"], num_experts=4, top_k=2, rank=4,
+                                seed=0, adapter_dtype=dtype, backend=backend)
+    model = moelora.inject(_llama(), cfg).to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    for layer in moelora.wrapped_layers(model):
+        with torch.no_grad():  # B starts at zero: give it values so the experts matter
+            layer.bank.Bt.copy_(torch.randn(layer.bank.Bt.shape, generator=g))
+        assert layer.backend == backend
+    return model
+
+
+def _logits_and_grads(model):
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    logits = model(input_ids=ids).logits
+    logits.float().square().mean().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layer_output_same_in_torch_and_triton_mode(dtype):
-    cfg = dict(target_modules=["q_proj", "v_proj", "down_proj"], num_experts=4, top_k=2, rank=4, seed=0,
-               adapter_dtype=dtype)
-    models = {}
-    for backend in ("torch", "triton"):
-        model = moelora.inject(_llama(), moelora.MoELoRAConfig(backend=backend, **cfg)).to(DEVICE)
-        g = torch.Generator().manual_seed(3)
-        for layer in moelora.wrapped_layers(model):
-            with torch.no_grad():  # B starts at zero: give it values so the experts matter
-                layer.bank.Bt.copy_(torch.randn(layer.bank.Bt.shape, generator=g))
-            assert layer.backend == backend
-        models[backend] = model
-    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     outs, grads = {}, {}
-    for backend, model in models.items():
-        logits = model(input_ids=ids).logits
-        logits.float().square().mean().backward()
-        outs[backend] = logits.detach()
-        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for backend in ("torch", "triton"):
+        outs[backend], grads[backend] = _logits_and_grads(_injected_llama(backend, dtype))
     assert rel(outs["triton"], outs["torch"]) < (1e-5 if dtype == "float32" else 1e-2)
-    # bf16 gradients pass through six bf16 expert layers and bf16 routers (softmax, top-k), and the
-    # two modes round differently (the torch twin rounds h and du to bf16, the kernels keep fp32),
-    # so model-level gradients agree to ~1-2 %, not to the 1e-2 of a single op.
-    tol = 1e-5 if dtype == "float32" else 3e-2
     assert grads["torch"].keys() == grads["triton"].keys() and len(grads["torch"]) > 0
+    if dtype == "float32":
+        for n, g in grads["torch"].items():
+            assert rel(grads["triton"][n], g) < 1e-5, n
+        return
+    # bf16 model-level gradients pass through six bf16 expert layers and bf16 routers (softmax,
+    # top-k): each backend is 1-5 % (relative, per parameter) away from the same model run with
+    # fp32 adapters, and 17-28 % on the last down_proj, where a routing decision flips in bf16 for
+    # both. So the two backends agree only to ~2e-2, not to a single op's 1e-2, and the oracle is
+    # the fp32 model: for every parameter Triton mode must be about as faithful to it as the torch
+    # twin (measured here: Triton's error / torch's error = 0.71-1.28 over the 18 parameters).
+    reference = _injected_llama("torch", "float32")
+    reference.load_state_dict({k: v.float() for k, v in _injected_llama("torch", "bfloat16").state_dict().items()})
+    _, exact = _logits_and_grads(reference)
+    for n, g in exact.items():
+        assert rel(grads["triton"][n], g) <= 1.5 * rel(grads["torch"][n], g), n
     for n, g in grads["torch"].items():
-        assert rel(grads["triton"][n], g) < tol, n
+        assert rel(grads["triton"][n], g) < 3e-2, n
 
 
 @pytest.mark.slow
