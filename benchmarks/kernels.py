@@ -48,8 +48,12 @@ def _choose_interpreter() -> None:
     if not CUDA:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The repository root only while moelora is imported (it may not be installed): left on sys.path,
+# its top-level kernels/ shadows Hugging Face's ``kernels``, which bitsandbytes probes on import.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moelora import kernels as K  # noqa: E402
+
+sys.path.pop(0)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
