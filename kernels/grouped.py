@@ -115,7 +115,7 @@ def _ref_forward(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: 
 @_ref_forward.register_fake
 def _(x, A, Bt, expert_ids, weights, offsets, scale_e):
     r_max = max([offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)], default=0)
-    return x.new_empty((x.shape[0], Bt.shape[1])), reference.wide(x).new_empty((expert_ids.numel(), r_max))
+    return x.new_empty((x.shape[0], Bt.shape[1])), x.new_empty((expert_ids.numel(), r_max))
 
 
 @torch.library.custom_op("moelora::grouped_reference_backward", mutates_args=())

@@ -142,8 +142,7 @@ def _gated_forward(x, A, Bt, weights, expert_ids, col_expert, col_scale, num_exp
         ops = triton_ops()
         h = ops.shrink(x, A)                           # [T, R] fp32
         return ops.gate_expand(h, Bt, expert_ids, weights, col_expert, col_scale, x.dtype), h
-    gate = reference.column_gate(expert_ids, reference.wide(weights), col_expert, reference.wide(col_scale),
-                                 num_experts)
+    gate = reference.column_gate(expert_ids, weights, col_expert, col_scale, num_experts)
     return reference.gated_lora_forward(x, A, Bt, gate)
 
 
@@ -177,8 +176,7 @@ class _GatedLoRAFn(torch.autograd.Function):
                 gB = ops.xty(h, grad_y, expert_ids, weights, col_expert, col_scale, Bt.dtype)
         else:
             # The gate is rebuilt (T·k scatter) instead of saved: it is as large as h.
-            gate = reference.column_gate(expert_ids, reference.wide(weights), col_expert,
-                                         reference.wide(col_scale), ctx.num_experts)
+            gate = reference.column_gate(expert_ids, weights, col_expert, col_scale, ctx.num_experts)
             gx, gA, gB, gw = reference.gated_lora_backward(
                 grad_y, x, A, Bt, h, gate, expert_ids, col_expert, col_scale, ctx.num_experts,
                 need_x=need_x, need_A=need_A, need_Bt=need_Bt, need_w=need_w)

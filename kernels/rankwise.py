@@ -57,7 +57,7 @@ class _RankwiseLoRAFn(torch.autograd.Function):
             if need_Bt:
                 gB = (gate * h).t().to(grad_y.dtype) @ grad_y
             if need_x or need_A:
-                gdu = gate * (reference.wide(grad_y) @ reference.wide(Bt).t())
+                gdu = gate * (grad_y @ Bt.t())                 # fp32: the gate is h's dtype
                 gx = gdu.to(A.dtype) @ A if need_x else None
                 gA = gdu.t().to(x.dtype) @ x if need_A else None
         return gx, gA, gB, None, None, None, None, None, None

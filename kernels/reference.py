@@ -12,12 +12,13 @@ matches a column, so a ``-1`` slot contributes nothing (and gets a zero weight g
 Every function here is plain differentiable-free torch: the autograd wiring lives in
 :mod:`moelora.kernels.ops`.
 
-Rounding follows the kernels for bf16/fp16 inputs: the rank-space tensors ``h = x Aᵀ`` and
-``du = dy Btᵀ`` and the gate stay fp32 (:func:`wide`), and a gated rank-space operand is rounded
-to the input dtype once, where it meets a ``[·, d]`` matrix (the kernels' ``tl.dot`` operand
-cast). A plain bf16 ``x @ A.t()`` rounds ``h`` to 8 mantissa bits, and FlyLoRA's top-k over that
-``h`` picked other ranks than the kernels' top-k over fp32 ``h`` (1-2 of 130 tokens in 3 of 6
-seeds, k = 8 of 32); with fp32 ``h`` both pick the same ranks.
+bf16/fp16 rounding: the rank-wise twin keeps ``h = x Aᵀ`` in fp32 (:func:`wide`), as the kernel
+does, because FlyLoRA's top-k picks ranks from it: scoring a bf16-rounded ``h`` picked other ranks
+than the kernel for 1-2 of 130 tokens in 3 of 6 seeds (k = 8 of 32). The dense-gated and grouped
+twins compute in the input dtype: keeping their ``h`` and ``du`` in fp32 too was tried and left
+out. It did not bring the two backends' model-level bf16 gradients closer (they differ by 1-2.5 %,
+as much as each differs from an fp32-adapter run), and upcasting ``x`` and ``dy`` made the bf16
+op on CPU up to 2x slower (5.3 vs 2.7 ms, T = 2048, d = 1024, E = 4, k = 2, r = 8, 2 threads).
 """
 
 from __future__ import annotations
@@ -77,11 +78,10 @@ def gated_lora_forward(x: Tensor, A: Tensor, Bt: Tensor, gate: Tensor) -> tuple[
         gate: ``[T, R]`` column gate ``G_s`` from :func:`column_gate`.
 
     Returns:
-        ``(y, h)``: ``y [T, d_out] = (G_s ⊙ x Aᵀ) Bt`` and ``h [T, R] = x Aᵀ`` (saved for backward;
-        fp32 for bf16/fp16 inputs, like the kernels' ``h``).
+        ``(y, h)``: ``y [T, d_out] = (G_s ⊙ x Aᵀ) Bt`` and ``h [T, R] = x Aᵀ`` (saved for backward).
     """
-    h = wide(x) @ wide(A).t()
-    return (gate * h).to(Bt.dtype) @ Bt, h
+    h = x @ A.t()
+    return (gate * h) @ Bt, h
 
 
 def gated_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, h: Tensor, gate: Tensor,
@@ -97,11 +97,11 @@ def gated_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, h: Ten
         ``(grad_x [T, d_in], grad_A [R, d_in], grad_Bt [R, d_out], grad_w [T, k])``; an entry is
         ``None`` when its ``need_*`` flag is off.
     """
-    du = wide(grad_y) @ wide(Bt).t()                       # [T, R], fp32 for half inputs
+    du = grad_y @ Bt.t()                                   # [T, R]
     gdu = gate * du
-    grad_x = gdu.to(A.dtype) @ A if need_x else None
-    grad_A = gdu.t().to(x.dtype) @ x if need_A else None
-    grad_Bt = (gate * h).t().to(grad_y.dtype) @ grad_y if need_Bt else None
+    grad_x = gdu @ A if need_x else None
+    grad_A = gdu.t() @ x if need_A else None
+    grad_Bt = (gate * h).t() @ grad_y if need_Bt else None
     grad_w = None
     if need_w:
         # dL/dw[t, j] = scale_e · Σ_{c owned by e = ids[t, j]} du[t, c] · h[t, c]
@@ -253,19 +253,19 @@ def grouped_lora_forward(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, w
     r_max = max([rank_offsets[e + 1] - rank_offsets[e] for e in range(E)], default=0)
     slots, counts = _segments(expert_ids, E)
     tok = torch.div(slots, k, rounding_mode="floor")
-    gs = wide(weights).reshape(-1).index_select(0, slots)        # [n] gate weight per sorted slot
-    hs = wide(x).new_zeros(slots.numel(), r_max)
+    gs = weights.reshape(-1).index_select(0, slots)              # [n] gate weight per sorted slot
+    hs = x.new_zeros(slots.numel(), r_max)
     y = x.new_zeros(T, Bt.shape[1])
     xe_buf, ye_buf = _workspace(x, counts, x.shape[1]), _workspace(x, counts, Bt.shape[1])
     for e, rows, lo, hi in _expert_slices(counts, rank_offsets):
         if hi == lo:
             continue
         te = tok[rows]
-        h = wide(torch.index_select(x, 0, te, out=xe_buf[:te.numel()])) @ wide(A[lo:hi]).t()  # [c, r_e]
+        h = torch.index_select(x, 0, te, out=xe_buf[:te.numel()]) @ A[lo:hi].t()   # [c, r_e]
         hs[rows, :hi - lo] = h
-        gh = (h * (gs[rows] * scale_e[e]).unsqueeze(1)).to(Bt.dtype)
-        y.index_add_(0, te, torch.mm(gh, Bt[lo:hi], out=ye_buf[:te.numel()]))
-    return y, hs.new_zeros(T * k, r_max).index_copy_(0, slots, hs)
+        ye = torch.mm(h * (gs[rows] * scale_e[e]).unsqueeze(1), Bt[lo:hi], out=ye_buf[:te.numel()])
+        y.index_add_(0, te, ye)
+    return y, x.new_zeros(T * k, r_max).index_copy_(0, slots, hs)
 
 
 def _workspace(like: Tensor, counts: list[int], width: int) -> Tensor:
@@ -289,7 +289,7 @@ def grouped_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, hs: 
     slots, counts = _segments(expert_ids, E)
     tok = torch.div(slots, k, rounding_mode="floor")
     hss = hs.index_select(0, slots)                              # [n, r_max]
-    gs = wide(weights).reshape(-1).index_select(0, slots)
+    gs = weights.reshape(-1).index_select(0, slots)
     gx = torch.zeros_like(x) if need_x else None
     gA = torch.zeros_like(A) if need_A else None
     gB = torch.zeros_like(Bt) if need_Bt else None
@@ -304,15 +304,15 @@ def grouped_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, hs: 
         c = te.numel()
         dy, h, g = torch.index_select(grad_y, 0, te, out=dy_buf[:c]), hss[rows, :hi - lo], \
             (gs[rows] * scale_e[e]).unsqueeze(1)
-        du = wide(dy) @ wide(Bt[lo:hi]).t()                      # [c, r_e]
+        du = dy @ Bt[lo:hi].t()                                  # [c, r_e]
         if need_w:
             torch.sum(du * h, 1, out=gws[rows]).mul_(scale_e[e])
         gdu = g * du
         if need_x:
-            gx.index_add_(0, te, torch.mm(gdu.to(A.dtype), A[lo:hi], out=dx_buf[:c]))
+            gx.index_add_(0, te, torch.mm(gdu, A[lo:hi], out=dx_buf[:c]))
         if need_A:
-            torch.mm(gdu.t().to(x.dtype), torch.index_select(x, 0, te, out=xe_buf[:c]), out=gA[lo:hi])
+            torch.mm(gdu.t(), torch.index_select(x, 0, te, out=xe_buf[:c]), out=gA[lo:hi])
         if need_Bt:
-            torch.mm((g * h).t().to(dy.dtype), dy, out=gB[lo:hi])
+            torch.mm((g * h).t(), dy, out=gB[lo:hi])
     gw = hs.new_zeros(T * k).index_copy_(0, slots, gws).view(T, k) if need_w else None
     return gx, gA, gB, gw
