@@ -41,33 +41,33 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-def _routing_csr(ids: torch.Tensor, r: int, R: int, values: torch.Tensor) -> torch.Tensor:
-    """``[T, R]`` CSR with the k·r columns of each token's routed experts (row-major slot order)."""
+def _routing_pattern(ids: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR ``(crow, cols)`` of the ``[T, R]`` routed gate: the k·r columns of each token's experts."""
     T, k = ids.shape
     cols = (ids.unsqueeze(-1) * r + torch.arange(r, device=ids.device)).reshape(-1)
-    crow = torch.arange(0, T * k * r + 1, k * r, device=ids.device)
-    return torch.sparse_csr_tensor(crow, cols, values, size=(T, R))
+    return torch.arange(0, T * k * r + 1, k * r, device=ids.device), cols
 
 
 class _CSRLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, Bt, w, ids, scale, r):
-        R = A.shape[0]
-        pattern = _routing_csr(ids, r, R, x.new_zeros(ids.numel() * r))
-        h = torch.sparse.sampled_addmm(pattern, x, A.t(), beta=0.0).values()    # [T·k·r]
-        g = (w * scale[ids]).repeat_interleave(r, dim=1).reshape(-1)
+        crow, cols = _routing_pattern(ids, r)
+        ctx.csr = lambda values: torch.sparse_csr_tensor(crow, cols, values, size=(x.shape[0], A.shape[0]))
+        h = torch.sparse.sampled_addmm(ctx.csr(x.new_zeros(cols.numel())), x, A.t(), beta=0.0).values()
+        g = (w * scale[ids]).repeat_interleave(r, dim=1).reshape(-1)                 # [T·k·r]
+        s = ctx.csr(h * g)
         ctx.save_for_backward(x, A, Bt, h, g, ids, scale)
-        ctx.r = r
-        return _routing_csr(ids, r, R, h * g) @ Bt
+        ctx.s, ctx.r = s, r
+        return s @ Bt
 
     @staticmethod
     def backward(ctx, dy):
         x, A, Bt, h, g, ids, scale = ctx.saved_tensors
-        r, R, (T, k) = ctx.r, A.shape[0], ids.shape
-        du = torch.sparse.sampled_addmm(_routing_csr(ids, r, R, torch.zeros_like(h)), dy, Bt.t(), beta=0.0).values()
+        (T, k), r = ids.shape, ctx.r
+        du = torch.sparse.sampled_addmm(ctx.csr(torch.zeros_like(h)), dy, Bt.t(), beta=0.0).values()
         gw = (du * h).view(T, k, r).sum(-1) * scale[ids]
-        dh = _routing_csr(ids, r, R, du * g)
-        return dh @ A, dh.t() @ x, _routing_csr(ids, r, R, h * g).t() @ dy, gw, None, None, None
+        dh = ctx.csr(du * g)
+        return dh @ A, dh.t() @ x, ctx.s.t() @ dy, gw, None, None, None
 
 
 class _PaddedBmmLoRA(torch.autograd.Function):
@@ -87,20 +87,19 @@ class _PaddedBmmLoRA(torch.autograd.Function):
         xp = x.index_select(0, gather).view(E, C, -1)
         h = torch.bmm(xp, A.view(E, r, -1).transpose(1, 2))                          # [E, C, r]
         yp = torch.bmm(h * gate, Bt.view(E, r, -1))
-        ctx.save_for_backward(x, A, Bt, h, gate, gather, scatter, dst, ids, scale)
+        ctx.save_for_backward(x, A, Bt, h, gate, gather, scatter, dst, order, ids, scale)
         ctx.r = r
         return x.new_zeros(T + 1, Bt.shape[1]).index_add_(0, scatter, yp.flatten(0, 1))[:T]
 
     @staticmethod
     def backward(ctx, dy):
-        x, A, Bt, h, gate, gather, scatter, dst, ids, scale = ctx.saved_tensors
+        x, A, Bt, h, gate, gather, scatter, dst, order, ids, scale = ctx.saved_tensors
         r, (T, k), E = ctx.r, ids.shape, A.shape[0] // ctx.r
         Ae, Be = A.view(E, r, -1), Bt.view(E, r, -1)
         dyp = dy.index_select(0, gather).view(E, -1, dy.shape[1])
         du = torch.bmm(dyp, Be.transpose(1, 2))
         slot_gw = (du * h).sum(-1).flatten()                                         # [E·C], unscaled
         gw = slot_gw.index_select(0, dst)                                            # sorted slot order
-        order = torch.argsort(ids.reshape(-1), stable=True)
         gw = torch.empty_like(gw).index_copy_(0, order, gw).view(T, k) * scale[ids]
         gdu = du * gate
         gx = x.new_zeros(T + 1, x.shape[1]).index_add_(0, scatter, torch.bmm(gdu, Ae).flatten(0, 1))[:T]

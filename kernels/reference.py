@@ -211,8 +211,8 @@ def naive_rankwise_lora(x: Tensor, A: Tensor, Bt: Tensor, k: int, *, bias: Tenso
 # which measured ~2x slower here; same-size per-expert buffers are reused from the heap. Nothing
 # [T·k, d] is saved for the backward: x is gathered again there. Measured and not adopted
 # (benchmarks/cpu_formulations.py): one [E, C, d] buffer padded to the largest expert with bmm
-# (faster only at T = 256 with 2 threads, up to 3x slower at T = 2048) and the routed gate as a
-# CSR matrix with MKL SpMM / SDDMM (slower than this path in every measured cell).
+# (at best within run-to-run noise of this path, with 2 threads only; up to 3x slower at
+# T = 2048) and the routed gate as a CSR matrix with MKL SpMM / SDDMM (slower in every cell).
 
 
 def _segments(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
