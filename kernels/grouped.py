@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import device_constant, resolve_backend, triton_ops
+from .ops import check_operands, device_constant, differentiable_grads, resolve_backend, triton_ops
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,17 @@ class _GroupedLoRAFn(torch.autograd.Function):
         need_x, need_A, need_Bt, need_w = ctx.needs_input_grad[:4]
         grad_y = grad_y.to(A.dtype)
         T, k = expert_ids.shape
+        if torch.is_grad_enabled():
+            E = len(ctx.offsets) - 1
+            ranks = torch.tensor([ctx.offsets[e + 1] - ctx.offsets[e] for e in range(E)], device=x.device)
+            col_expert = torch.repeat_interleave(torch.arange(E, device=x.device), ranks)
+
+            def twin(x, A, Bt, w):  # the dense-gated twin computes the same sum
+                gate = reference.column_gate(expert_ids, w, col_expert, scale_e[col_expert], E)
+                return reference.gated_lora_forward(x, A, Bt, gate)[0]
+
+            return (*differentiable_grads(twin, (x, A, Bt, weights), ctx.needs_input_grad[:4], grad_y),
+                    ) + (None,) * 10
         if ctx.impl == "triton":
             ops, bm = triton_ops(), ctx.block_m
             gx = gA = gB = gw = None
@@ -213,6 +224,7 @@ def grouped_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: 
                          f"{tuple(expert_ids.shape)}, weights {tuple(weights.shape)}")
     if scale.shape != (E,):
         raise ValueError(f"grouped_lora: scale must be [E] = [{E}], got {tuple(scale.shape)}")
+    check_operands("grouped_lora", x, A, Bt, expert_ids, E)
     impl = resolve_backend(backend, x.device, x.dtype)
     if plan is None:
         if impl == "torch":

@@ -116,6 +116,28 @@ def device_constant(values: Sequence[int | float], device: torch.device | str,
     return tensor
 
 
+def check_operands(op: str, x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor | None = None,
+                   num_experts: int | None = None) -> None:
+    """Raise a ``ValueError`` that names the argument and the fix when ``x``, ``A``, ``Bt`` differ
+    in dtype, or ``expert_ids`` is not an integer tensor or (CPU tensors only) holds an id
+    outside ``[-1, num_experts)``. The range is not read on a GPU: that would be a device sync
+    per layer per forward; there an out-of-range id's slot is ignored by the Triton path."""
+    if not (x.dtype == A.dtype == Bt.dtype):
+        raise ValueError(f"{op}: x is {x.dtype}, A is {A.dtype}, Bt is {Bt.dtype}; they must share the "
+                         f"adapter dtype. Cast the input first, e.g. x.to(A.dtype).")
+    if expert_ids is None:
+        return
+    if expert_ids.dtype.is_floating_point or expert_ids.dtype.is_complex or expert_ids.dtype == torch.bool:
+        raise ValueError(f"{op}: expert_ids must be an integer tensor (int64 or int32), got {expert_ids.dtype}.")
+    if (num_experts is not None and expert_ids.device.type == "cpu" and expert_ids.numel()
+            and not torch.compiler.is_compiling()):
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        if lo < -1 or hi >= num_experts:
+            raise ValueError(f"{op}: expert_ids holds ids in [{lo}, {hi}], outside [-1, {num_experts}) for "
+                             f"num_experts={num_experts} (-1 marks an empty slot). Check the router's "
+                             f"expert count against the bank's.")
+
+
 def triton_ops():
     """``torch.ops.moelora`` with the Triton custom ops registered (imports triton on first call)."""
     from .triton import library  # noqa: F401  (registers the ops)
@@ -134,6 +156,20 @@ def dense_max_rank(impl: str, total_rank: int, num_experts: int | None = None, t
         return 1 << (max(total_rank, 16) - 1).bit_length() <= DENSE_MAX_RANK["triton"]
     few_experts = num_experts is not None and top_k is not None and num_experts <= 2 * top_k
     return total_rank <= DENSE_MAX_RANK["torch"] or few_experts
+
+
+def differentiable_grads(forward, inputs: Sequence[Tensor | None], needs: Sequence[bool],
+                         grad_y: Tensor) -> list[Tensor | None]:
+    """Input gradients of ``forward(*inputs)`` for ``grad_y``, as a graph that can itself be
+    differentiated: the backward of every op when autograd records it (``create_graph=True``,
+    e.g. a gradient penalty). The fast backwards read the saved ``h``, which has no history back
+    to x and A, so they would silently drop second-order terms; this path re-runs the torch twin's
+    forward on the saved inputs instead (one extra forward, only when asked for)."""
+    with torch.enable_grad():
+        y = forward(*inputs)
+        wanted = [t for t, n in zip(inputs, needs) if n]
+        got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+    return [next(got) if n else None for n in needs]
 
 
 def _gated_forward(x, A, Bt, weights, expert_ids, col_expert, col_scale, num_experts, impl):
@@ -161,6 +197,13 @@ class _GatedLoRAFn(torch.autograd.Function):
         x, A, Bt, h, weights, expert_ids, col_expert, col_scale = ctx.saved_tensors
         need_x, need_A, need_Bt, need_w = ctx.needs_input_grad[:4]
         grad_y = grad_y.to(A.dtype)
+        if torch.is_grad_enabled():
+            def twin(x, A, Bt, w):
+                gate = reference.column_gate(expert_ids, w, col_expert, col_scale, ctx.num_experts)
+                return reference.gated_lora_forward(x, A, Bt, gate)[0]
+
+            return (*differentiable_grads(twin, (x, A, Bt, weights), ctx.needs_input_grad[:4], grad_y),
+                    None, None, None, None, None)
         if ctx.impl == "triton":
             ops = triton_ops()
             gx = gA = gB = gw = None
@@ -218,6 +261,7 @@ def gated_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Te
     if col_expert.shape != (A.shape[0],) or col_scale.shape != (A.shape[0],):
         raise ValueError(f"gated_lora: col_expert {tuple(col_expert.shape)} and col_scale "
                          f"{tuple(col_scale.shape)} must both be [R] with R = {A.shape[0]}")
+    check_operands("gated_lora", x, A, Bt, expert_ids, num_experts)
     impl = resolve_backend(backend, x.device, x.dtype)
     if not dense_max_rank(impl, A.shape[0], num_experts, expert_ids.shape[1]):
         from .grouped import grouped_lora

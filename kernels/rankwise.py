@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import resolve_backend, triton_ops
+from .ops import check_operands, differentiable_grads, resolve_backend, triton_ops
 
 
 class _RankwiseLoRAFn(torch.autograd.Function):
@@ -37,6 +37,13 @@ class _RankwiseLoRAFn(torch.autograd.Function):
         need_A, need_Bt = ctx.needs_input_grad[1:3]
         grad_y = grad_y.to(Bt.dtype)
         T, R = h.shape
+        if torch.is_grad_enabled():
+            def twin(x, A, Bt):  # the saved selection: it is piecewise constant in x and A
+                hh = reference.wide(x) @ reference.wide(A).t()
+                return (reference.rankwise_gate(idx, R, ctx.scale, hh.dtype) * hh).to(Bt.dtype) @ Bt
+
+            return (*differentiable_grads(twin, (x, A, Bt), (need_x, need_A, need_Bt), grad_y),
+                    None, None, None, None, None, None)
         gx = gA = gB = None
         if ctx.impl == "triton":
             ops = triton_ops()
@@ -91,6 +98,7 @@ def rankwise_lora(x: Tensor, A: Tensor, Bt: Tensor, k: int, *, bias: Tensor | No
         raise ValueError(f"rankwise_lora: score={score!r} is invalid: expected one of {reference.SCORES}")
     if bias is not None and bias.shape != (A.shape[0],):
         raise ValueError(f"rankwise_lora: bias must be [r] = [{A.shape[0]}], got {tuple(bias.shape)}")
+    check_operands("rankwise_lora", x, A, Bt)
     impl = resolve_backend(backend, x.device, x.dtype)
     if bias is not None:
         bias = bias.detach()

@@ -158,7 +158,7 @@ def rankwise_score(h: Tensor, bias: Tensor | None, score: str) -> Tensor:
     or ``h + bias`` (``"signed"``, the official PEFT layer). ``h [T, r]``, ``bias [r]`` or None."""
     if score not in SCORES:
         raise ValueError(f"score={score!r} is invalid: expected one of {SCORES}")
-    s = h.float() if bias is None else h.float() + bias.float()
+    s = wide(h) if bias is None else wide(h) + bias.to(wide(h).dtype)
     return s.abs() if score == "abs" else s
 
 

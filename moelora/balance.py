@@ -17,7 +17,8 @@ from torch import Tensor
 def _masked_mean(values: Tensor, token_mask: Tensor | None) -> Tensor:
     """Mean over the token dim (dim 0) of ``values [T, ...]`` restricted to ``token_mask [T]``."""
     if token_mask is None:
-        return values.mean(0)
+        # Not values.mean(0): a forward with no tokens would make the loss NaN, not 0.
+        return values.sum(0) / max(values.shape[0], 1)
     m = token_mask.to(values.dtype).view(-1, *([1] * (values.dim() - 1)))
     return (values * m).sum(0) / m.sum().clamp(min=1)
 
@@ -62,7 +63,8 @@ class LayerStats:
         counts: ``[E]`` slots routed to each expert (after drops).
         prob_sum: ``[E]`` sum of router probabilities over tokens (``mean_probs`` divides by tokens).
         dropped: ``[E]`` slots that were routed to an expert but dropped.
-        coactivation: ``[E, E]`` how often two experts were chosen for the same token.
+        coactivation: ``[E, E]`` how often two experts were chosen for the same token; its
+            diagonal is ``counts``.
         tokens: real tokens seen.
         forwards: forward passes recorded.
         task_counts: ``[N, E]`` slots routed to each expert by tokens of task id ``n`` (rows grow
@@ -256,9 +258,14 @@ class LoadTracker:
         real = None if token_mask is None else token_mask.to(dev).reshape(-1, 1)
         if real is not None:
             valid = valid & real
-        chosen = torch.zeros(expert_ids.shape[0], num_experts + 1, dtype=p.prob_sum.dtype, device=dev)
-        chosen = chosen.scatter_(1, torch.where(valid, expert_ids, num_experts).long(), 1.0)[:, :num_experts]
+        slots = torch.zeros(expert_ids.shape[0], num_experts + 1, dtype=p.prob_sum.dtype, device=dev)
+        slots = slots.scatter_add_(1, torch.where(valid, expert_ids, num_experts).long(),
+                                   valid.to(slots.dtype))[:, :num_experts]     # [T, E] slots per token
+        # Off the diagonal: tokens that chose both experts. On it: slots, so a custom router that
+        # repeats an expert within a token (the kernels apply every slot) is counted as applied.
+        chosen = slots.clamp(max=1)
         p.coactivation += chosen.t() @ chosen
+        p.coactivation.diagonal().add_((slots - chosen).sum(0))
         if probs is not None:
             pr = probs.to(p.prob_sum.dtype)
             p.prob_sum += (pr if real is None else torch.where(real, pr, 0)).sum(0)
@@ -279,7 +286,7 @@ class LoadTracker:
                         grown[:p.task_counts.shape[0]] = p.task_counts
                     p.task_counts = grown
                 # A slot without a task (negative id) adds a zero row to task 0.
-                p.task_counts.index_add_(0, tasks.clamp(min=0), torch.where((tasks >= 0).view(-1, 1), chosen, 0))
+                p.task_counts.index_add_(0, tasks.clamp(min=0), torch.where((tasks >= 0).view(-1, 1), slots, 0))
 
     def reset(self) -> None:
         self._layers.clear()

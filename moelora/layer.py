@@ -67,7 +67,7 @@ class MoELoRALinear(nn.Module):
         recompute = recomputing()
         mask = state.mask_for(flat.shape[0], recomputing=recompute)
         delta = self._expert_delta(flat, mask, recompute)
-        return out + delta.view(*lead, -1).to(out.dtype)
+        return out + delta.view(*lead, delta.shape[-1]).to(out.dtype)  # -1 is ambiguous at T = 0
 
     def _expert_delta(self, flat: Tensor, mask: Tensor | None, recompute: bool) -> Tensor:
         """The routed expert output ``[T, d_out]`` for tokens ``flat [T, d_in]`` (the part a

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -37,3 +39,14 @@ class Router(Protocol):
     def __call__(self, x: Tensor, *, token_mask: Tensor | None = None) -> Routing:
         """Route ``x [T, d_in]``; ``token_mask [T] bool`` marks real (non-padding) tokens."""
         ...
+
+
+def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x [T, d_in] @ weight[E, d_in]ᵀ (+ bias)`` → ``[T, E]`` in at least float32.
+
+    Routing is brittle in low precision, so the product runs in ``promote(weight.dtype, fp32)``:
+    fp32 for the fp32 router weights that injection creates, and also after the user casts the
+    whole model (``model.half()`` turns the router weight half; it is upcast here, not the logits
+    downcast), float64 after ``model.double()``."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moelora.kernels.ops import device_constant
 
-from .base import Routing
+from .base import Routing, router_logits
 
 
 class MeteoRARouter(nn.Module):
@@ -72,8 +72,8 @@ class MeteoRARouter(nn.Module):
         object.__setattr__(self, "_state", state)
 
     def logits(self, x: Tensor) -> Tensor:
-        """``[T, d_in]`` → ``[T, N]`` float32 gate logits."""
-        return self.gate(x.float())
+        """``[T, d_in]`` → ``[T, N]`` gate logits, float32 (float64 after ``model.double()``)."""
+        return router_logits(x, self.gate.weight, self.gate.bias)
 
     def forward(self, x: Tensor, *, token_mask: Tensor | None = None) -> Routing:
         """Route ``x [T, d_in]``; ``token_mask [T]`` bool excludes padding from the gate loss."""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moelora.balance import switch_loss, z_loss
 
-from .base import Routing
+from .base import Routing, router_logits
 
 DROP_POLICIES = ("position", "probability")
 FILL_ORDERS = ("slot_major", "token_major")
@@ -163,9 +163,9 @@ class SiRARouter(nn.Module):
         otherwise run in low precision despite the fp32 operands.
         """
         if not torch.amp.is_autocast_available(x.device.type):  # no autocast there to switch off
-            return x.float() @ self.weight.t()
+            return router_logits(x, self.weight)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return x.float() @ self.weight.t()
+            return router_logits(x, self.weight)
 
     def active_capacity_factor(self) -> float | None:
         """The capacity factor of the current mode (train or eval)."""

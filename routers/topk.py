@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from moelora.balance import switch_loss, z_loss
 
-from .base import Routing
+from .base import Routing, router_logits
 
 
 class TopKRouter(nn.Module):
@@ -41,8 +41,8 @@ class TopKRouter(nn.Module):
             self.weight.normal_(0.0, init_std, generator=generator) if init_std > 0 else self.weight.zero_()
 
     def logits(self, x: Tensor) -> Tensor:
-        """``[T, d_in]`` → ``[T, E]`` float32 logits."""
-        return x.float() @ self.weight.t()
+        """``[T, d_in]`` → ``[T, E]`` logits, float32 (float64 after ``model.double()``)."""
+        return router_logits(x, self.weight)
 
     def forward(self, x: Tensor, *, token_mask: Tensor | None = None) -> Routing:
         """Route ``x [T, d_in]``; ``token_mask [T]`` bool excludes padding from the aux losses."""

@@ -29,6 +29,17 @@ def test_statistics_by_hand():
     assert s.coactivation[0, 1] == 2 and s.coactivation[0, 2] == 1 and s.coactivation[0, 0] == 4
 
 
+def test_a_repeated_expert_counts_every_slot():
+    # A custom router may route two slots of a token to one expert; the kernels apply both.
+    tracker = LoadTracker()
+    tracker.record("l", 3, torch.tensor([[1, 1], [0, 1]]), None, None, None,
+                   task_ids=torch.tensor([0, 1]), num_tasks=2)
+    s = tracker.layers["l"]
+    assert s.counts.tolist() == [1, 3, 0] and s.coactivation.diagonal().tolist() == [1, 3, 0]
+    assert s.coactivation[0, 1] == 1 and s.coactivation[1, 0] == 1
+    assert s.task_counts.tolist() == [[0, 2, 0], [1, 1, 0]]
+
+
 def test_mask_excludes_padding_and_uniform_load_has_entropy_one():
     tracker = LoadTracker()
     ids = torch.tensor([[0], [1], [2], [3], [0]])
@@ -49,13 +60,17 @@ def _loop_statistics(batches, num_experts):
             if mask is not None and not bool(mask[t]):
                 continue
             tokens += 1
-            chosen = sorted({int(e) for e in ids[t] if int(e) >= 0})
-            for e in chosen:
+            slots = [int(e) for e in ids[t] if int(e) >= 0]
+            chosen = sorted(set(slots))
+            for e in slots:  # every slot counts, a repeated expert too (the kernels apply each)
                 counts[e] += 1
+                co[e][e] += 1
                 if task is not None and int(task[t]) >= 0:
                     tasks.setdefault(int(task[t]), [0.0] * E)[e] += 1
+            for e in chosen:
                 for f in chosen:
-                    co[e][f] += 1
+                    if f != e:
+                        co[e][f] += 1
             for e in range(E):
                 probs_sum[e] += float(probs[t, e])
     return counts, probs_sum, co, tasks, tokens

@@ -137,6 +137,28 @@ def test_disable_adapters_gives_base_output(token_ids):
         assert (model(token_ids).logits - base(token_ids).logits).abs().max() > 1e-4
 
 
+def test_a_batch_of_empty_sequences_keeps_its_shape():
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    moelora.inject(m, moelora.MoELoRAConfig(target_modules=["0"], num_experts=4, top_k=2, rank=3))
+    assert m(torch.randn(2, 0, 6)).shape == (2, 0, 5)
+
+
+@pytest.mark.parametrize("config", [moelora.MoELoRAConfig, moelora.SiRAConfig])
+def test_casting_the_injected_model_keeps_it_working(config, token_ids):
+    # The routers compute in at least fp32; after model.double() their weights are float64 and
+    # after .bfloat16() bf16, and a forward must follow the cast, not crash on a dtype mismatch.
+    model = moelora.inject(tiny_llama(), config(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2,
+                                                rank=4, seed=0)).eval()
+    with torch.no_grad():
+        for layer in moelora.wrapped_layers(model):
+            layer.bank.Bt.normal_(0, 0.5)
+        want = model(token_ids).logits
+        torch.testing.assert_close(copy.deepcopy(model).double()(token_ids).logits, want.double(),
+                                   atol=1e-4, rtol=0)
+        low = copy.deepcopy(model).bfloat16()(token_ids).logits
+    assert low.dtype == torch.bfloat16 and (low.float() - want).abs().max() < 0.5
+
+
 def test_seed_makes_init_reproducible():
     a = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], seed=7))
     b = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], seed=7))

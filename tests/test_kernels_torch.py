@@ -39,6 +39,10 @@ def test_gated_and_grouped_gradcheck_float64(ranks, k):
 
     assert torch.autograd.gradcheck(dense, inputs)
     assert torch.autograd.gradcheck(grouped, inputs)
+    # Second order (create_graph=True, e.g. a gradient penalty): the fast backwards read a saved
+    # h without history, so only the twin re-run keeps these terms.
+    assert torch.autograd.gradgradcheck(dense, inputs)
+    assert torch.autograd.gradgradcheck(grouped, inputs)
 
 
 @pytest.mark.parametrize("score", ["abs", "signed"])
@@ -54,6 +58,7 @@ def test_rankwise_gradcheck_float64(score, k):
 
     # A random x keeps every score away from a tie, so the selection is locally constant.
     assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("T,pattern,k", [(0, "random", 2), (1, "random", 2), (7, "skewed", 1), (37, "sparse", 2),
@@ -101,6 +106,14 @@ def test_rankwise_torch_matches_loop_and_grad_x_switch(score, bias):
         lambda x, A, Bt: K.rankwise_lora(x, A, Bt, 4, bias=b, score=score, scale=0.5, grad_x=False,
                                          backend="torch"), (x, A, Bt), dy)
     assert gx_off is None and torch.equal(gB_off, gB)  # PEFT semantics: no gradient into x
+
+
+def test_rankwise_float64_scores_are_not_rounded_to_float32():
+    # Ranks 0 and 1 differ by 1e-12 in h: a float32 score ties them and picks rank 0.
+    x = torch.ones(1, 1, dtype=torch.float64)
+    A = torch.tensor([[1.0], [1.0 + 1e-12]], dtype=torch.float64)
+    Bt = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    assert K.rankwise_lora(x, A, Bt, 1, score="signed", backend="torch")[1].tolist() == [[1]]
 
 
 def test_topk_lowest_index_rule():
@@ -240,6 +253,17 @@ def test_bad_inputs_name_the_problem():
     plan = K.build_routing_plan(ids[:4], 2)
     with pytest.raises(ValueError, match="Rebuild"):
         K.grouped_lora(x, A, Bt, ids, w, [2, 2], scale, plan=plan)
+    with pytest.raises(ValueError, match=r"x is torch.bfloat16.*x.to\(A.dtype\)"):
+        K.gated_lora(x.bfloat16(), A, Bt, ids, w, col_expert, col_scale, num_experts=2)
+    with pytest.raises(ValueError, match="x is torch.float64"):
+        K.rankwise_lora(x.double(), A, Bt, 2)
+    for bad in (ids.clone().fill_(2), ids.clone().fill_(-2)):
+        with pytest.raises(ValueError, match=r"outside \[-1, 2\) for num_experts=2"):
+            K.gated_lora(x, A, Bt, bad, w, col_expert, col_scale, num_experts=2)
+        with pytest.raises(ValueError, match=r"outside \[-1, 2\)"):
+            K.grouped_lora(x, A, Bt, bad, w, [2, 2], scale)
+    with pytest.raises(ValueError, match="integer tensor"):
+        K.grouped_lora(x, A, Bt, ids.float(), w, [2, 2], scale)
 
 
 def test_top_level_kernels_import_is_an_inert_shell():

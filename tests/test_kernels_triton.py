@@ -161,6 +161,24 @@ def test_rankwise_ties_go_to_the_lowest_index():
     assert idx.cpu().tolist() == [[1, 3, 5]] * 9
 
 
+def test_rankwise_nan_and_inf_scores_pick_the_same_distinct_ranks():
+    # NaN ranks first, then by value, ties (-inf too) to the lowest index: a stable descending
+    # torch.sort. The old kernel marked taken ranks with -inf, so a row of -inf scores picked one
+    # rank k times, and a NaN row returned rank r (out of range).
+    nan, inf = float("nan"), float("inf")
+    g = torch.Generator().manual_seed(0)
+    A, Bt, x = torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g), torch.randn(4, 6, generator=g)
+    x[2, 0] = nan                                    # every score of token 2 is NaN
+    biases = [torch.tensor([0, nan, -inf, 0, -inf, nan, 0, -inf]), torch.full((8,), -inf)]
+    x, A, Bt = _dev(x, A, Bt)
+    for bias in biases:
+        for score, k in (("abs", 3), ("signed", 5), ("signed", 8)):
+            _, idx_t = K.rankwise_lora(x, A, Bt, k, bias=bias.to(DEVICE), score=score, backend="triton")
+            _, idx_r = K.rankwise_lora(x, A, Bt, k, bias=bias.to(DEVICE), score=score, backend="torch")
+            assert torch.equal(idx_t.cpu(), idx_r.cpu()), (score, k, idx_t, idx_r)
+            assert all(len(set(row)) == k and min(row) >= 0 and max(row) < 8 for row in idx_t.tolist())
+
+
 def test_reruns_are_bitwise_equal():
     x, A, Bt, ids, w, col_expert, col_scale, scale, dy = _gated_case(130, 100, 72, [4, 0, 8, 5, 3], 2, "random",
                                                                      torch.float32)

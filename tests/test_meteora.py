@@ -66,6 +66,14 @@ def test_one_hot_gates_give_each_peft_adapter_on_tiny_llama(llama_adapters, toke
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_fused_model_follows_a_dtype_cast(llama_adapters, token_ids):
+    model = fused_llama(llama_adapters, top_k=2)
+    with torch.no_grad():
+        want = model(token_ids).logits
+        torch.testing.assert_close(copy.deepcopy(model).double()(token_ids).logits, want.double(),
+                                   atol=1e-4, rtol=0)
+
+
 def test_bank_layout_ranks_scales_and_rank_zero_experts(llama_adapters):
     model = fused_llama(llama_adapters)
     base = tiny_llama()

@@ -104,3 +104,15 @@ def test_router_weights_are_float32_even_for_half_inputs():
 def test_invalid_top_k():
     with pytest.raises(ValueError, match="top_k"):
         TopKRouter(in_features=4, num_experts=3, top_k=4)
+
+
+@pytest.mark.parametrize("router", ["topk", "sira"])
+def test_aux_loss_of_an_empty_batch_is_zero_not_nan(router):
+    # A NaN here would poison `loss + moelora.aux_loss(model)` for the whole step.
+    from moelora.routers import SiRARouter
+
+    cls = TopKRouter if router == "topk" else SiRARouter
+    r = cls(in_features=6, num_experts=4, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001).train()
+    assert r(torch.randn(0, 6)).aux_loss.item() == 0.0
+    assert switch_loss(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.long)).item() == 0.0
+    assert z_loss(torch.zeros(0, 4)).item() == 0.0

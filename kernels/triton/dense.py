@@ -99,16 +99,22 @@ def _gate_expand_kernel(h_ptr, w_ptr, out_ptr, ids_ptr, gw_ptr, ce_ptr, cs_ptr, 
             s = s + tl.load(bias_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
         if SCORE_ABS:
             s = tl.abs(s)
-        s = tl.where(r_ok[None, :], s, float("-inf"))
+        # The order of a stable descending torch.sort (reference.topk_lowest_index): NaN above
+        # every number, then by value, ties (-inf included) to the lowest index. Taken ranks are
+        # tracked apart from the scores so a row of -inf or NaN still yields k distinct ranks.
+        isnan = s != s
+        free = r_ok[None, :] & (rr[None, :] >= 0)
         sel = tl.zeros((BM, BR), dtype=tl.float32)
         for j in tl.static_range(KSLOTS):
             # k rounds of max + lowest index among the maxima: an explicit tie rule (tl.topk's
-            # order among equal values is not specified), mirrored by reference.topk_lowest_index.
-            best = tl.max(s, axis=1)
-            idx = tl.min(tl.where(s == best[:, None], rr[None, :], BR), axis=1)
+            # order among equal values is not specified).
+            nan_left = tl.max(tl.where(free & isnan, 1, 0), axis=1) > 0
+            best = tl.max(tl.where(free & ~isnan, s, float("-inf")), axis=1)
+            cand = tl.where(nan_left[:, None], free & isnan, free & ~isnan & (s == best[:, None]))
+            idx = tl.min(tl.where(cand, rr[None, :], BR), axis=1)
             hit = rr[None, :] == idx[:, None]
             sel = tl.where(hit, 1.0, sel)
-            s = tl.where(hit, float("-inf"), s)
+            free = free & ~hit
             # Every N-tile computes the same selection; only the first one reports it.
             tl.store(idx_ptr + rm.to(tl.int64) * KSLOTS + j, idx.to(tl.int64), mask=m_ok & (rm * 0 + pid_n == 0))
         p = hb * sel * scale
