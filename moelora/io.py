@@ -8,7 +8,9 @@ A saved adapter is a directory with
 
 Loading validates every key and shape against the model before touching it; on any error the
 model is unchanged. Files are written to a temporary name and renamed, so an interrupted save
-never leaves a half-written file under the final name.
+never leaves a half-written file under the final name. Both files carry the same random
+``save_id`` (the weights in their safetensors metadata): a save interrupted between the two
+renames leaves new weights beside the old config, and loading refuses that pair by name.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -91,9 +94,28 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "modules_to_save": list(state.saved_modules),
         "base_model": base_identity(model, state.wrapped),
     }
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    write_adapter_files(out, tensors, meta)
     return out
+
+
+def write_adapter_files(out: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Write weights then config into the directory ``out``, each atomically, paired by a fresh
+    ``save_id`` (replacing any ``save_id`` in ``meta``)."""
+    meta = {**meta, "save_id": uuid.uuid4().hex}
+    _atomic_write(out / WEIGHTS_NAME,
+                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "save_id": meta["save_id"]}))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+
+
+def check_save_id(opened, weights_file: Path, save_id: str | None) -> None:
+    """Raise when the open safetensors file ``opened`` was not written by the same save as the
+    config whose ``save_id`` is given. Checked only when both carry one: adapters saved before
+    save ids existed, and weights re-written by other tools (no metadata), load as before."""
+    file_id = (opened.metadata() or {}).get("save_id")
+    if save_id is not None and file_id is not None and file_id != save_id:
+        raise ValueError(f"{weights_file} and the {CONFIG_NAME} beside it come from different saves "
+                         f"(save_id {file_id} vs {save_id}): a save was interrupted between writing the "
+                         f"two. Save the adapter again.")
 
 
 def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -116,10 +138,12 @@ def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _read_tensors(weights_file: Path, expected: dict[str, torch.Size]) -> dict[str, Tensor]:
-    """Open the safetensors file, check names and shapes before reading values, then load them."""
+def _read_tensors(weights_file: Path, expected: dict[str, torch.Size], save_id: str | None = None) -> dict[str, Tensor]:
+    """Open the safetensors file, check names, shapes and (when the config has one) the save id
+    before reading values, then load them."""
     try:
         with safe_open(str(weights_file), framework="pt", device="cpu") as f:
+            check_save_id(f, weights_file, save_id)
             keys = set(f.keys())
             missing = sorted(set(expected) - keys)
             unexpected = sorted(keys - set(expected))
@@ -147,7 +171,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
     Args:
         model: the base model the adapter was trained on (without an adapter).
         path: a directory written by :func:`save_adapter`.
-        trainable: leave adapter weights trainable (``False`` freezes them, for inference).
+        trainable: leave adapter weights trainable. ``False`` is for inference: it freezes them
+            and puts the whole model in eval mode (as PEFT's ``from_pretrained`` does), so that
+            dropout, SiRA's training capacity, MeteoRA's training gate and FlyLoRA's bias
+            update are off. Call ``model.train()`` to train after all.
 
     Returns:
         The same ``model``.
@@ -167,7 +194,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
         raise ValueError(f"adapter in {directory} wraps other modules than this model offers: only in the "
                          f"adapter {only_file[:10]}, only in the model {only_model[:10]}.")
     current = plan.adapter_tensors()
-    tensors = _read_tensors(directory / WEIGHTS_NAME, {k: t.shape for k, t in current.items()})
+    tensors = _read_tensors(directory / WEIGHTS_NAME, {k: t.shape for k, t in current.items()}, meta.get("save_id"))
     with torch.no_grad():
         for key, value in tensors.items():
             current[key].copy_(value.to(current[key].dtype))
@@ -177,6 +204,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
         for module in plan.modules.values():
             for p in module.parameters():
                 p.requires_grad_(False)
+        model.eval()
     return model
 
 

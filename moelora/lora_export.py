@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from . import expert_space as space
 from .config import MoELoRAConfig, config_from_dict
-from .io import WEIGHTS_NAME, _atomic_write, read_adapter_meta
+from .io import WEIGHTS_NAME, _atomic_write, check_save_id, read_adapter_meta
 from .layer import wrapped_layers
 from .lora_import import CONFIG_FILE, PEFT_PREFIX, SAFETENSORS_FILE
 from .merge import refuse_static
@@ -305,6 +305,7 @@ def _saved_source(path: str | os.PathLike) -> _Source:
     banks = []
     try:
         with safe_open(str(weights_file), framework="pt", device="cpu") as f:
+            check_save_id(f, weights_file, meta.get("save_id"))
             keys = set(f.keys())
             for name, info in modules.items():
                 ranks = tuple(int(r) for r in info["ranks"])

@@ -132,6 +132,46 @@ def test_loading_into_an_injected_model_is_refused(saved):
         moelora.load_adapter(model, saved)
 
 
+def test_save_interrupted_between_the_two_files_is_refused_on_load(saved, monkeypatch, token_ids):
+    # The weights are renamed into place first; a stop before the config's rename leaves the new
+    # weights beside the old config (here: another method's top_k), which must not load as one.
+    model = trained(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=2,
+                                                        rank=2), token_ids)
+    real = moelora.io._atomic_write
+
+    def stop_at_config(path, write):
+        if path.name == CONFIG_NAME:
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr("moelora.io._atomic_write", stop_at_config)
+    with pytest.raises(KeyboardInterrupt):
+        moelora.save_adapter(model, saved)
+    monkeypatch.undo()
+    fresh = tiny_llama()
+    snap = state_snapshot(fresh)
+    with pytest.raises(ValueError, match="come from different saves"):
+        moelora.load_adapter(fresh, saved)
+    assert_unchanged(fresh, snap)
+    moelora.save_adapter(model, saved)  # a completed save is whole again
+    moelora.load_adapter(fresh, saved)
+
+
+def test_loading_for_inference_gives_eval_outputs(tmp_path, token_ids):
+    # SiRA with dropout: left in train mode after the load, every forward would differ.
+    cfg = moelora.SiRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, rank=2, dropout=0.5,
+                             expert_dropout=0.5)
+    model = trained(tiny_llama(), cfg, token_ids)
+    with torch.no_grad():
+        want = model(token_ids).logits
+    moelora.save_adapter(model, tmp_path)
+    fresh = moelora.load_adapter(tiny_llama().train(), tmp_path, trainable=False)
+    assert not any(m.training for m in fresh.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(token_ids).logits, want, atol=0, rtol=0)
+    assert moelora.load_adapter(tiny_llama().train(), tmp_path).training, "trainable loads keep the mode"
+
+
 def test_failed_save_keeps_previous_files(saved, monkeypatch, token_ids):
     before = {n: (saved / n).read_bytes() for n in (CONFIG_NAME, WEIGHTS_NAME)}
     model = trained(tiny_llama(), moelora.MoELoRAConfig(target_modules=["v_proj"]), token_ids)

@@ -18,7 +18,6 @@ identical, and nothing is written unless every check passes.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -26,11 +25,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from moelora.config import config_from_dict
-from moelora.io import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _read_tensors, read_adapter_meta
+from moelora.io import WEIGHTS_NAME, _read_tensors, read_adapter_meta, write_adapter_files
 
 from .flylora import FlyLoRAConfig
 
@@ -122,7 +120,8 @@ def merge_flylora(adapter_dirs: Sequence[str | os.PathLike], weights: Sequence[f
     for d, meta in zip(dirs[1:], metas[1:]):
         _check_compatible((dirs[0], metas[0]), (d, meta))
     shapes = _shapes(dirs[0] / WEIGHTS_NAME)
-    tensors = [_read_tensors(d / WEIGHTS_NAME, {k: torch.Size(s) for k, s in shapes.items()}) for d in dirs]
+    tensors = [_read_tensors(d / WEIGHTS_NAME, {k: torch.Size(s) for k, s in shapes.items()}, m.get("save_id"))
+               for d, m in zip(dirs, metas)]
     merged: dict[str, Tensor] = {}
     for key in sorted(shapes):
         first = tensors[0][key]
@@ -144,6 +143,5 @@ def merge_flylora(adapter_dirs: Sequence[str | os.PathLike], weights: Sequence[f
         {"path": str(d), "weight": wi} for d, wi in zip(dirs, w)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(merged, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    write_adapter_files(out, merged, meta)
     return out
