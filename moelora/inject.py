@@ -25,17 +25,22 @@ from .targeting import find_targets, linear_features, name_matches
 class SavedModule(nn.Module):
     """A ``modules_to_save`` entry: a trainable copy in front of the untouched original.
 
-    Its state-dict keys are ``<path>.trained_module.*``; ``unwrap`` puts the original back.
+    Its state-dict keys are ``<path>.trained_module.*``; ``unwrap`` puts the original back. Inside
+    :func:`disable_adapters` (``state.enabled`` False) the original runs, as in PEFT.
     """
 
-    def __init__(self, original: nn.Module) -> None:
+    def __init__(self, original: nn.Module, state: AdapterState | None = None) -> None:
         super().__init__()
         self.original_module = original
         self.trained_module = copy.deepcopy(original)
         for p in self.trained_module.parameters():
             p.requires_grad_(True)
+        object.__setattr__(self, "_state", state)  # not a submodule: shared by every layer
 
     def forward(self, *args, **kwargs):
+        state = self.__dict__.get("_state")
+        if state is not None and not state.enabled:
+            return self.original_module(*args, **kwargs)
         return self.trained_module(*args, **kwargs)
 
 
@@ -141,7 +146,7 @@ def build_adapter(model: nn.Module, config: MoELoRAConfig, *,
                                     ranks=(expert_ranks or {}).get(name), scales=(expert_scales or {}).get(name),
                                     generator=module_generator(config.seed, name))
     for name in saved:
-        modules[name] = SavedModule(model.get_submodule(name))
+        modules[name] = SavedModule(model.get_submodule(name), state)
     return AdapterPlan(state, modules)
 
 

@@ -13,11 +13,13 @@ FlyLoRA task adapters merge with each other instead, with :func:`moelora.merge_f
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .config import MoELoRAConfig
-from .inject import unwrap
+from .inject import _parent, unwrap
 from .layer import wrapped_layers
 from .state import get_state
 
@@ -41,7 +43,7 @@ def merge_into_base(model: nn.Module) -> nn.Module:
     Exact only when the delta does not depend on the input: a plain :class:`~moelora.MoELoRAConfig`
     adapter with ``num_experts == 1`` (every token gets weight 1 on its one expert, i.e. LoRA), on
     ``nn.Linear`` / ``Conv1D`` bases with floating-point weights. ``modules_to_save`` copies replace
-    their originals. Expert-input dropout is a training-time effect and is not part of the fold.
+    their originals (a copy of a tied module, e.g. GPT-2's ``lm_head``, ends untied, as in PEFT). Expert-input dropout is a training-time effect and is not part of the fold.
 
     Raises:
         ValueError: FlyLoRA (never foldable), any routed adapter (E > 1 or a method with capacity,
@@ -68,7 +70,23 @@ def merge_into_base(model: nn.Module) -> nn.Module:
             delta = float(bank.scale[0]) * (bank.Bt.double().t() @ bank.A.double())  # [d_out, d_in]
             conv1d = not isinstance(layer.base_layer, nn.Linear)  # GPT-2 Conv1D stores [d_in, d_out]
             weight.add_((delta.t() if conv1d else delta).to(weight.dtype))
-        for name in state.saved_modules:
-            saved = model.get_submodule(name)
-            saved.original_module.load_state_dict(saved.trained_module.state_dict())
-    return unwrap(model)
+    # A trained modules_to_save copy replaces its original rather than being copied into it: the
+    # original may share its weight (GPT-2's lm_head is tied to wte), and copying would change
+    # the embeddings too. Its parameters take the original's requires_grad (restored by unwrap).
+    swaps = [(name, model.get_submodule(name)) for name in state.saved_modules]
+    unwrap(model)
+    for name, saved in swaps:
+        for new, old in zip(saved.trained_module.parameters(), saved.original_module.parameters()):
+            new.requires_grad_(old.requires_grad)
+        parent, child = _parent(model, name)
+        setattr(parent, child, saved.trained_module)
+    still_used = {id(p) for p in model.parameters()}
+    untied = [name for name, saved in swaps if any(id(p) in still_used for p in saved.original_module.parameters())]
+    cfg = getattr(model, "config", None)
+    if untied and getattr(cfg, "tie_word_embeddings", False):
+        # Left True, transformers would tie the merged head back to the embeddings on save/load.
+        cfg.tie_word_embeddings = False
+        warnings.warn(f"merge_into_base: the trained copies of {untied} replaced modules whose weights were tied "
+                      "to others; they are untied now and model.config.tie_word_embeddings is set to False.",
+                      UserWarning, stacklevel=2)
+    return model

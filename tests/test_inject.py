@@ -137,6 +137,37 @@ def test_disable_adapters_gives_base_output(token_ids):
         assert (model(token_ids).logits - base(token_ids).logits).abs().max() > 1e-4
 
 
+def test_disable_adapters_also_bypasses_modules_to_save_copies(token_ids):
+    base = tiny_llama()
+    model = moelora.inject(copy.deepcopy(base), moelora.MoELoRAConfig(target_modules=["q_proj"],
+                                                                      modules_to_save=["lm_head"], seed=0))
+    with torch.no_grad():
+        model.lm_head.trained_module.weight.add_(0.3)
+        with moelora.disable_adapters(model):
+            torch.testing.assert_close(model(token_ids).logits, base(token_ids).logits, atol=0, rtol=0)
+        assert (model(token_ids).logits - base(token_ids).logits).abs().max() > 1e-2
+
+
+def test_merge_swaps_in_a_tied_head_copy_and_leaves_the_embeddings(token_ids):
+    # GPT-2's lm_head shares wte's weight: copying the trained head into it changed the input
+    # embeddings too, so the merged model computed something else than the adapter.
+    model = moelora.inject(tiny_gpt2(), moelora.MoELoRAConfig(target_modules=["c_attn"], modules_to_save=["lm_head"],
+                                                              num_experts=1, top_k=1, rank=4, seed=0)).eval()
+    assert model.config.tie_word_embeddings
+    with torch.no_grad():
+        for layer in moelora.wrapped_layers(model):
+            layer.bank.Bt.normal_(0, 0.1)
+        model.lm_head.trained_module.weight.add_(0.3)
+        want, wte = model(token_ids).logits, model.transformer.wte.weight.clone()
+    with pytest.warns(UserWarning, match="tie_word_embeddings is set to False"):
+        merged = moelora.merge_into_base(model)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(token_ids).logits, want, atol=1e-5, rtol=0)
+    assert torch.equal(merged.transformer.wte.weight, wte) and not merged.config.tie_word_embeddings
+    # The copy takes the original's restored requires_grad, like every other parameter.
+    assert merged.lm_head.weight.requires_grad == merged.transformer.wte.weight.requires_grad
+
+
 def test_a_batch_of_empty_sequences_keeps_its_shape():
     m = torch.nn.Sequential(torch.nn.Linear(6, 5))
     moelora.inject(m, moelora.MoELoRAConfig(target_modules=["0"], num_experts=4, top_k=2, rank=3))

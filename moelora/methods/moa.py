@@ -284,7 +284,7 @@ def build_moa_plan(model: nn.Module, config: MoAConfig, *, expert_ranks=None, ex
                                              state=state, block=moa, type_name=t, type_index=moa.type_index(t),
                                              dropout=config.dropout, backend=config.backend)
     for name in saved:
-        modules[name] = SavedModule(model.get_submodule(name))
+        modules[name] = SavedModule(model.get_submodule(name), state)
     plan = AdapterPlan(state, modules)
     plan.hooks = [InstallHooks(blocks_out, config.router_input)]
     return plan
