@@ -10,8 +10,9 @@
 
 Exported configs list the exact module names in ``target_modules`` and encode per-module ranks
 and scales with ``rank_pattern`` / ``alpha_pattern`` (keys are full module names), so PEFT
-rebuilds exactly the stored scale. Each directory also gets ``moelora_provenance.json`` (which
-PEFT ignores) saying where the weights came from.
+rebuilds exactly the stored scale. Trained ``modules_to_save`` copies (a classifier or LM head)
+go into every directory, listed in PEFT's ``modules_to_save``. Each directory also gets
+``moelora_provenance.json`` (which PEFT ignores) saying where the weights came from.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from . import expert_space as space
 from .config import MoELoRAConfig, config_from_dict
 from .io import WEIGHTS_NAME, _atomic_write, check_save_id, read_adapter_meta
+from .inject import SavedModule
 from .layer import wrapped_layers
 from .lora_import import CONFIG_FILE, PEFT_PREFIX, SAFETENSORS_FILE
 from .merge import refuse_static
@@ -60,8 +62,9 @@ def _alpha_for(scale: float, rank: int, rslora: bool) -> float | int:
 
 
 def _peft_config(modules: dict[str, tuple[int, float]], *, rslora: bool, conv1d: bool,
-                 extra: dict[str, Any]) -> dict[str, Any]:
-    """A PEFT LoRA ``adapter_config.json`` for ``{module: (rank, scale)}``."""
+                 extra: dict[str, Any], saved: Sequence[str] = ()) -> dict[str, Any]:
+    """A PEFT LoRA ``adapter_config.json`` for ``{module: (rank, scale)}`` and the full names of
+    the ``modules_to_save`` copies written beside it."""
     ranks = {m: r for m, (r, _) in modules.items()}
     alphas = {m: _alpha_for(s, r, rslora) for m, (r, s) in modules.items()}
     r_default = Counter(ranks.values()).most_common(1)[0][0]
@@ -74,7 +77,7 @@ def _peft_config(modules: dict[str, tuple[int, float]], *, rslora: bool, conv1d:
         "rank_pattern": {m: r for m, r in ranks.items() if r != r_default},
         "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha_default},
         "lora_dropout": extra.get("lora_dropout") or 0.0, "fan_in_fan_out": conv1d, "bias": "none",
-        "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+        "use_dora": False, "modules_to_save": sorted(saved) or None, "init_lora_weights": True, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None,
     }
 
@@ -118,12 +121,20 @@ class _Bank:
 
 @dataclass
 class _Source:
-    """A moelora adapter to export: its banks, config, expert names and base model name."""
+    """A moelora adapter to export: its banks, config, expert names, base model name, and the
+    trained ``modules_to_save`` copies (``{module: {param: tensor}}``, e.g. a classifier head:
+    part of what every expert computes, so every exported directory carries them, in PEFT's
+    layout ``base_model.model.<module>.<param>``)."""
 
     banks: list[_Bank]
     config: MoELoRAConfig
     names: list[str]
     base_name: str | None
+    saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    def saved_tensors(self) -> dict[str, Tensor]:
+        return {f"{PEFT_PREFIX}{module}.{key}": _tensor(t) for module, part in self.saved.items()
+                for key, t in part.items()}
 
     @property
     def provenance(self) -> list[dict[str, Any]]:
@@ -139,7 +150,9 @@ def _model_source(model: nn.Module) -> _Source:
                    space.layer_origin(state.config, layer.name))
              for layer in wrapped_layers(model)]
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return _Source(banks, state.config, expert_names(model), base)
+    saved = {name: dict(module.trained_module.state_dict()) for name in state.saved_modules
+             if isinstance(module := model.get_submodule(name), SavedModule)}  # not MoA's block holders
+    return _Source(banks, state.config, expert_names(model), base, saved)
 
 
 def _with_omega(scale: Tensor, omega: Tensor | None) -> Tensor:
@@ -218,7 +231,9 @@ def _export(src: _Source, out: Path, *, experts, overwrite: bool) -> dict[str, P
             tensors[f"{PEFT_PREFIX}{bank.name}.lora_A.weight"] = _tensor(lora_A)
             tensors[f"{PEFT_PREFIX}{bank.name}.lora_B.weight"] = _tensor(lora_B)
             modules[bank.name] = (bank.rank(i), float(bank.scale_of(i)))
-        config = _peft_config(modules, rslora=rslora, conv1d=any(b.conv1d for b in banks), extra=extra)
+        tensors.update(src.saved_tensors())
+        config = _peft_config(modules, rslora=rslora, conv1d=any(b.conv1d for b in banks), extra=extra,
+                              saved=src.saved)
         record = {"exported_by": "moelora", "expert": names[i], "index": i,
                   "source": {k: prov.get(k) for k in ("path", "weights_file", "sha256")} if prov else None}
         directory = out / names[i]
@@ -285,8 +300,9 @@ def _collapse(src: _Source, weights: Any, directory: Path, *, rank: int | None, 
         modules[bank.name] = (int(lora_A.shape[0]), 1.0)
     if not modules:
         raise ValueError(f"the weights {w.tolist()} select no expert with rank > 0 in any module.")
+    tensors.update(src.saved_tensors())
     config = _peft_config(modules, rslora=False, conv1d=any(b.conv1d for b in src.banks if b.name in modules),
-                          extra={"base_model_name_or_path": src.base_name, "lora_dropout": 0.0})
+                          extra={"base_model_name_or_path": src.base_name, "lora_dropout": 0.0}, saved=src.saved)
     record = {"exported_by": "moelora", "collapse": {n: float(w[i]) for i, n in enumerate(src.names)},
               "svd_rank": rank,
               "sources": {p["name"]: {k: p.get(k) for k in ("path", "sha256")} for p in src.provenance}}
@@ -323,13 +339,20 @@ def _saved_source(path: str | os.PathLike) -> _Source:
                 omega = f.get_tensor(f"{name}.router.omega") if f"{name}.router.omega" in keys else None
                 banks.append(_Bank(name, ranks, _with_omega(got["scale"], omega), got["A"], got["Bt"],
                                    origin=space.layer_origin(config, name)))
+            saved = {}
+            for name in meta.get("modules_to_save") or []:
+                prefix = f"{name}.trained_module."  # SavedModule copies (MoA's block holders have none)
+                part = {k[len(prefix):]: f.get_tensor(k) for k in sorted(keys) if k.startswith(prefix)}
+                if part:
+                    saved[name] = part
     except SafetensorError as err:
         raise ValueError(f"{weights_file} is corrupt or truncated ({err}).") from err
     if not banks or len({len(b.ranks) if b.origin is None else -1 for b in banks} - {-1}) > 1:
         raise ValueError(f"{directory / 'moelora_config.json'} lists no wrapped modules, or modules with "
                          "different expert counts.")
     n = space.num_experts(config, max(len(b.ranks) for b in banks))
-    return _Source(banks, config, space.expert_names(config, n), (meta.get("base_model") or {}).get("name_or_path"))
+    return _Source(banks, config, space.expert_names(config, n), (meta.get("base_model") or {}).get("name_or_path"),
+                   saved)
 
 
 def export_saved_adapter(path: str | os.PathLike, out: str | os.PathLike, *,

@@ -55,3 +55,34 @@ def test_parity_with_peft_on_tiny_llama(token_ids, rslora):
 def test_parity_with_peft_on_gpt2_conv1d(token_ids):
     assert_parity(tiny_gpt2(), ["c_attn", "c_proj"], {"input_ids": token_ids}, out=lambda o: o.logits,
                   fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize("source", ["live", "saved"])
+def test_export_carries_modules_to_save_into_peft(tmp_path, token_ids, source):
+    # The trained head is part of what every expert computes: an export without it loaded in
+    # PEFT gives other logits than the moelora model.
+    from peft import PeftModel
+
+    from moelora.lora_export import export_saved_adapter
+
+    model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                               modules_to_save=["lm_head"], num_experts=1, top_k=1,
+                                                               rank=4, seed=0)).eval()
+    with torch.no_grad():
+        for layer in moelora.wrapped_layers(model):
+            layer.bank.Bt.normal_(0, 0.1)
+        model.lm_head.trained_module.weight.add_(0.3)
+        want = model(token_ids).logits
+    if source == "live":
+        out = moelora.export_lora_adapters(model, tmp_path / "peft")["expert_0"]
+    else:
+        moelora.save_adapter(model, tmp_path / "saved")
+        out = export_saved_adapter(tmp_path / "saved", tmp_path / "peft")["expert_0"]
+    peft_model = PeftModel.from_pretrained(tiny_llama(), str(out)).eval()
+    assert peft_model.peft_config["default"].modules_to_save == ["lm_head"]
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(token_ids).logits, want, atol=1e-5, rtol=0)
+    collapsed = moelora.collapse_lora_adapters(model, [1.0], tmp_path / "collapsed")
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(tiny_llama(), str(collapsed)).eval()(token_ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
