@@ -56,6 +56,11 @@ _REFUSED_FEATURES = {
     "megatron_config": "Megatron-parallel LoRA layers (megatron_config)",
 }
 
+# init_lora_weights values (or prefixes) whose init subtracts the initial LoRA product from the
+# base weight (PiSSA, OLoRA, CorDA, LoRA-GA) or replaces it (LoftQ): PEFT re-applies that to the
+# base model on load. "gaussian", "eva", "orthogonal", "mica" and booleans leave the base as is.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
 
 @dataclass
 class ModuleLora:
@@ -145,6 +150,13 @@ def read_lora_config(path: str | os.PathLike, *, name: str = "adapter") -> dict[
         if cfg.get(key):
             raise ValueError(f"adapter {name!r} uses {what}, which a routed LoRA expert cannot represent; "
                              f"re-train or save it as a plain LoRA ({key} unset) to import it.")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(f"adapter {name!r} was initialised with init_lora_weights={init!r}, which also rewrites "
+                         "the base weights (W - scale·B₀A₀), so on the unchanged base model its LoRA factors do "
+                         "not compute what PEFT computes. Convert it to a plain LoRA first: PEFT's "
+                         "save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>), "
+                         "then import that directory.")
     if cfg.get("bias", "none") not in ("none", None):
         raise ValueError(f"adapter {name!r} trains base-model biases (bias={cfg['bias']!r}), which a routed "
                          "LoRA expert cannot represent; re-train it with bias='none' to import it.")
@@ -180,6 +192,8 @@ def _classify_key(key: str) -> tuple[str, str]:
     for suffix, kind in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
         if name.endswith(suffix):
             return name[: -len(suffix)], kind
+    if name.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers copy of the base weight
+        return name[: -len(".base_layer.weight")], "base"
     if ".lora_magnitude_vector" in name:
         return name, "DoRA magnitude vectors (lora_magnitude_vector)"
     if ".lora_embedding_A" in name or ".lora_embedding_B" in name:
@@ -187,6 +201,27 @@ def _classify_key(key: str) -> tuple[str, str]:
     if name.endswith(".lora_B.bias"):
         return name, "bias-LoRA (lora_B.bias)"
     return name, "a tensor that is not a LoRA factor (e.g. a saved bias or a modules_to_save copy)"
+
+
+def _check_base_copies(where: str, base_copies: dict[str, str], load, module_names: dict[str, nn.Module]) -> None:
+    """Accept the base weights PEFT saves beside an ``lm_head`` / embedding LoRA
+    (``save_embedding_layers="auto"``) when they equal the model's: nothing to import then. A
+    different one (a resized vocabulary) would have to replace a base weight, which an expert
+    cannot do."""
+    if not base_copies:
+        return
+    saved = load(sorted(base_copies.values()))
+    differ = []
+    for module, key in sorted(base_copies.items()):
+        weight = getattr(module_names.get(module), "weight", None)
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != tuple(saved[key].shape) \
+                or not torch.equal(saved[key].to(weight.dtype), weight.detach().cpu()):
+            differ.append(module)
+    if differ:
+        raise ValueError(f"{where} carries its own base weights for {differ[:5]} (PEFT's save_embedding_layers) "
+                         "that differ from this model's, e.g. after resizing the vocabulary. A routed LoRA expert "
+                         "cannot replace base weights: fuse it into the base model it was trained on (resized the "
+                         "same way).")
 
 
 def _open_tensors(name: str, directory: Path, *, allow_pickle: bool):
@@ -264,11 +299,14 @@ def read_lora_adapter(name: str, path: str | os.PathLike, model: nn.Module, *, a
         raise ValueError(f"{where} holds no tensors.")
 
     pairs: dict[str, dict[str, str]] = {}
+    base_copies: dict[str, str] = {}
     refused: list[str] = []
     for key in shapes:
         module, kind = _classify_key(key)
         if kind in ("A", "B"):
             pairs.setdefault(module, {})[kind] = key
+        elif kind == "base":
+            base_copies[module] = key
         else:
             refused.append(f"{key!r}: {kind}")
     if refused:
@@ -323,6 +361,7 @@ def read_lora_adapter(name: str, path: str | os.PathLike, model: nn.Module, *, a
         raise ValueError(f"{where} holds {total_bytes} bytes of tensors, more than max_adapter_bytes="
                          f"{max_bytes}; raise the bound in MeteoRAConfig if the adapter is trusted.")
 
+    _check_base_copies(where, base_copies, load, module_names)
     tensors = load(sorted(k for pair in pairs.values() for k in pair.values()))
     bad = sorted(k for k, t in tensors.items() if not torch.isfinite(t).all())
     if bad:

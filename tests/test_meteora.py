@@ -22,7 +22,8 @@ peft = pytest.importorskip("peft")
 
 def make_adapter(base, path, targets, *, r=4, alpha=8, seed=0, **kwargs):
     """Save a real PEFT LoRA of ``base`` with a random, non-zero B (init_lora_weights=False)."""
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **kwargs)
+    kwargs.setdefault("init_lora_weights", False)
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **kwargs)
     torch.manual_seed(seed)
     peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(str(path))
     return str(path)

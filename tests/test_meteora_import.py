@@ -117,11 +117,31 @@ def test_integer_dtype_and_rank_mismatch(good, tmp_path):
     ({"lora_bias": True}, "bias-LoRA"),
     ({"bias": "all"}, "bias='none'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'.*rewrites the base weights"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
 ])
 def test_refused_lora_variants(tmp_path, kwargs, match):
     base = tiny_llama()
     path = make_adapter(base, tmp_path / "x", ["q_proj"], **kwargs)
     expect_error({"x": path}, ValueError, match)
+
+
+def test_lm_head_lora_with_its_saved_base_weight_imports(tmp_path, token_ids):
+    # PEFT's default save_embedding_layers="auto" stores lm_head.base_layer.weight beside an
+    # lm_head LoRA; equal to the model's, it is no reason to refuse the adapter.
+    base = tiny_llama()
+    path = make_adapter(base, tmp_path / "head", ["q_proj", "lm_head"])
+    assert any(k.endswith("lm_head.base_layer.weight") for k in load_file(f"{path}/adapter_model.safetensors"))
+    model = moelora.from_lora_adapters(tiny_llama(), {"head": path}, moelora.MeteoRAConfig(top_k=1)).eval()
+    with torch.no_grad(), moelora.select_experts(model, "head"):
+        torch.testing.assert_close(model(token_ids).logits, peft_reference(base, path)(token_ids).logits,
+                                   atol=1e-5, rtol=0)
+
+    def resize(t):
+        key = first_key(t, "lm_head.base_layer.weight")
+        t[key] = t[key] + 1.0
+    expect_error({"x": tampered(path, tmp_path / "resized", edit_tensors=resize)}, ValueError,
+                 r"its own base weights for \['lm_head'\]")
 
 
 def test_embedding_lora_is_refused_by_its_keys(tmp_path):
