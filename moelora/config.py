@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -134,6 +135,10 @@ class MoELoRAConfig:
             _fail("seed", self.seed, "an integer or null")
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "a JSON object (dict)")
+        try:  # saved as JSON with the adapter: refuse now what save_adapter could not write
+            json.dumps(self.extra, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            _fail("extra", self.extra, f"JSON-serialisable values (strings, finite numbers, lists, dicts): {err}")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -173,7 +178,9 @@ class MoELoRAConfig:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool): NaN/inf in a scale or coefficient only shows up later,
+    as a NaN loss, and would be written into the adapter's JSON as non-standard tokens."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def config_from_dict(data: dict[str, Any]) -> MoELoRAConfig:

@@ -45,11 +45,18 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a new file's usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable read; set back at once
+    os.umask(mask)
+    return mask
 
 
 def base_identity(model: nn.Module, module_names: list[str]) -> dict[str, Any]:
@@ -102,9 +109,10 @@ def write_adapter_files(out: Path, tensors: dict[str, Tensor], meta: dict[str, A
     """Write weights then config into the directory ``out``, each atomically, paired by a fresh
     ``save_id`` (replacing any ``save_id`` in ``meta``)."""
     meta = {**meta, "save_id": uuid.uuid4().hex}
+    text = json.dumps(meta, indent=2, allow_nan=False)  # before any file is replaced: it can fail
     _atomic_write(out / WEIGHTS_NAME,
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "save_id": meta["save_id"]}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_save_id(opened, weights_file: Path, save_id: str | None) -> None:

@@ -174,10 +174,11 @@ def _check_out_dir(directory: Path, overwrite: bool) -> None:
 
 def _write_peft_dir(directory: Path, config: dict[str, Any], tensors: dict[str, Tensor],
                     provenance: dict[str, Any]) -> None:
+    texts = {CONFIG_FILE: json.dumps(config, indent=2), PROVENANCE_FILE: json.dumps(provenance, indent=2)}
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory / SAFETENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    _atomic_write(directory / PROVENANCE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(provenance, indent=2)))
+    for name, text in texts.items():
+        _atomic_write(directory / name, lambda tmp, text=text: Path(tmp).write_text(text))
 
 
 def _tensor(t: Tensor) -> Tensor:

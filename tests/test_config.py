@@ -26,6 +26,12 @@ from moelora.config import MoELoRAConfig
     ({"exclude_modules": [""]}, "exclude_modules"),
     ({"modules_to_save": "classifier"}, "modules_to_save"),
     ({"seed": "0"}, "seed"),
+    ({"alpha": float("nan")}, "alpha"),
+    ({"alpha": float("inf")}, "alpha"),
+    ({"router_noise_std": float("nan")}, "router_noise_std"),
+    ({"aux_loss_coef": float("inf")}, "aux_loss_coef"),
+    ({"extra": {"when": object()}}, "extra"),
+    ({"extra": {"x": float("nan")}}, "extra"),
 ])
 def test_invalid_values_name_the_field(kwargs, field):
     args = {"target_modules": ["q_proj"], **kwargs}

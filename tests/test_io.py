@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 import moelora
 from conftest import minilm_classifier, tiny_gpt2, tiny_llama
 from moelora.io import CONFIG_NAME, WEIGHTS_NAME
+from moelora.state import get_state
 from test_inject import assert_unchanged, state_snapshot
 
 
@@ -184,3 +185,17 @@ def test_failed_save_keeps_previous_files(saved, monkeypatch, token_ids):
         moelora.save_adapter(model, saved)
     assert {n: (saved / n).read_bytes() for n in (CONFIG_NAME, WEIGHTS_NAME)} == before
     assert sorted(os.listdir(saved)) == [CONFIG_NAME, WEIGHTS_NAME], "no temp file may be left behind"
+    # A config that cannot be written as JSON fails before the weights are replaced.
+    monkeypatch.undo()
+    get_state(model).config.extra["bad"] = float("nan")  # bypasses the config's own check
+    with pytest.raises(ValueError, match="JSON"):
+        moelora.save_adapter(model, saved)
+    assert {n: (saved / n).read_bytes() for n in (CONFIG_NAME, WEIGHTS_NAME)} == before
+
+
+def test_saved_files_get_the_usual_mode(saved):
+    # mkstemp creates 0600; an adapter shared with a team must be as readable as any new file.
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (saved / name).stat().st_mode & 0o777 == 0o666 & ~mask
