@@ -184,8 +184,42 @@ def _is_number(value: Any) -> bool:
 
 
 def config_from_dict(data: dict[str, Any]) -> MoELoRAConfig:
-    """Rebuild any registered config from its dict (picks the class by ``data["method"]``)."""
+    """Rebuild any registered config from its dict: :meth:`MoELoRAConfig.to_dict` output (the
+    class picked by ``data["method"]``), or the ``{"class_path": ..., "init_args": {...}}`` form
+    of a Lightning CLI YAML (what reaches the module when the CLI could not build the class)."""
+    if "class_path" in data:
+        return _from_class_path(data)
     method = data.get("method")
+    if method is None:
+        fields = set().union(*({f.name for f in dataclasses.fields(c)} for c in _CONFIG_REGISTRY.values()))
+        unknown = sorted(set(data) - fields)
+        hint = (f"{unknown} is no field of any moelora method config; " if unknown else "") + \
+            f"MoELoRAConfig fields are {sorted(f.name for f in dataclasses.fields(MoELoRAConfig))}"
+        raise ValueError(f"method config {data!r} names no method (no 'method' or 'class_path' key): {hint}. "
+                         "In a YAML give class_path (e.g. moelora.MoELoRAConfig) and init_args; on the command "
+                         "line check the field name in --model.method.init_args.<field>.")
     if method not in _CONFIG_REGISTRY:
         raise ValueError(f"unknown moelora method {method!r}; known methods: {sorted(_CONFIG_REGISTRY)}")
     return _CONFIG_REGISTRY[method].from_dict(data)
+
+
+def _from_class_path(data: dict[str, Any]) -> MoELoRAConfig:
+    """The config named by ``data["class_path"]`` built from ``data["init_args"]``, with the bad
+    class path or the unknown fields named (the CLI's own message is only "not a valid dict")."""
+    import importlib
+
+    path = data["class_path"]
+    known = sorted(f"moelora.{cls.__name__}" for cls in _CONFIG_REGISTRY.values())
+    cls = None
+    if isinstance(path, str) and "." in path:
+        module_name, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), name, None)
+        except ImportError:
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, MoELoRAConfig)):
+        raise ValueError(f"method class_path {path!r} is not a moelora method config; use one of {known}.")
+    args = data.get("init_args") or {}
+    if not isinstance(args, dict):
+        raise ValueError(f"method init_args for {path} must be a mapping of config fields, got {args!r}.")
+    return cls.from_dict({"method": cls.method, **args})

@@ -73,6 +73,7 @@ def test_print_config(tmp_path, monkeypatch, capsys):
     ("--model.method.init_args.top_k=9", "top_k"),
     ("--model.method.init_args.rank=0", "rank"),
     ("--data.batch_size=0", "batch_size"),
+    ("--model.method.init_args.num_expert=4", "['num_expert'] is no field"),  # a typo, not "method None"
 ])
 def test_bad_value_fails_naming_the_field(tmp_path, override, field):
     demo = [p for p in CONFIGS if p.name == "demo.yaml"][0]

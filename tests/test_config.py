@@ -57,3 +57,21 @@ def test_unknown_fields_and_methods_are_named():
 def test_scale():
     assert MoELoRAConfig(target_modules=["q"], rank=4, alpha=8).lora_scale == 2.0
     assert MoELoRAConfig(target_modules=["q"], rank=4, alpha=8, use_rslora=True).lora_scale == 4.0
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"class_path": "moelora.FooConfig", "init_args": {}}, r"class_path 'moelora.FooConfig' is not a moelora method"),
+    ({"class_path": "moelora.FlyLora"}, "moelora.FlyLoRAConfig"),
+    ({"class_path": "moelora.MoELoRAConfig", "init_args": {"target_modules": ["q"], "num_expert": 4}},
+     r"unknown MoELoRAConfig field\(s\) \['num_expert'\]"),
+    ({"num_expert": "4"}, r"names no method.*\['num_expert'\] is no field"),
+])
+def test_cli_shaped_method_dicts_name_the_mistake(data, match):
+    # What the Lightning CLI hands the module when it could not build the class itself.
+    with pytest.raises(ValueError, match=match):
+        moelora.config_from_dict(data)
+
+
+def test_class_path_dict_builds_the_config():
+    cfg = moelora.config_from_dict({"class_path": "moelora.SiRAConfig", "init_args": {"target_modules": ["q"]}})
+    assert type(cfg).__name__ == "SiRAConfig" and cfg.target_modules == ["q"]
