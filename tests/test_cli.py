@@ -102,3 +102,15 @@ def test_extra_commands_are_listed(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "import-lora" in capsys.readouterr().out
+
+
+def test_readme_yaml_example_parses_and_trains_its_head(tmp_path, monkeypatch):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Training from the command line.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "readme.yaml").write_text(block)
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["-c", "readme.yaml", "--trainer.logger=false"], run=False)
+    assert type(cli.model.method).__name__ == "SiRAConfig"
+    assert cli.model.method.modules_to_save == ["classifier"]

@@ -174,3 +174,17 @@ def test_ddp_two_processes_match_single_process_counts(tmp_path):
     for name in stats[1]:
         assert stats[2][name]["tokens"] == stats[1][name]["tokens"] > 0
         assert stats[2][name]["counts"] == stats[1][name]["counts"], name
+
+
+def test_a_fresh_classification_head_is_trained_not_left_frozen(recwarn):
+    # The README's CLI example once trained against a frozen random classifier without a word.
+    module = MoELoRAModule(moelora.MoELoRAConfig(target_modules=["query"], num_experts=2, top_k=1, rank=2))
+    assert module.method.modules_to_save == ["classifier"]
+    assert module.hparams["method"]["modules_to_save"] == ["classifier"], "saved with the checkpoint"
+    assert all(p.requires_grad for p in module.model.classifier.trained_module.parameters())
+    assert any("added ['classifier']" in str(w.message) for w in recwarn)
+    recwarn.clear()
+    listed = MoELoRAModule(moelora.MoELoRAConfig(target_modules=["query"], modules_to_save=["classifier"],
+                                                 num_experts=2, top_k=1, rank=2))
+    assert listed.method.modules_to_save == ["classifier"]
+    assert not any("modules_to_save" in str(w.message) for w in recwarn)

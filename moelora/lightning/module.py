@@ -8,6 +8,7 @@ adapter keys itself because Lightning's strict loading is off. ``hparams`` hold 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,31 @@ from moelora.inject import adapter_state_dict
 from moelora.state import get_state
 
 from .data import TASK_KINDS, resolve_path
+
+
+def train_fresh_heads(method: MoELoRAConfig, model: torch.nn.Module, fresh_keys: set[str]) -> MoELoRAConfig:
+    """``method`` with every freshly initialised top-level head of ``model`` (a module all of
+    whose parameters are in ``fresh_keys``, the checkpoint's missing keys, e.g. BERT's
+    ``classifier`` or Llama's ``score``) added to ``modules_to_save``, with a warning.
+
+    A frozen random head cannot learn the task, so this is never wanted; PEFT adds the head for
+    ``task_type="SEQ_CLS"`` too. A head the checkpoint did load is left as configured."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    from moelora.targeting import name_matches
+
+    listed = list(method.modules_to_save or [])
+    fresh = []
+    for name, module in model.named_children():
+        params = [f"{name}.{p}" for p, _ in module.named_parameters()]
+        if params and all(p in fresh_keys for p in params) and not (listed and name_matches(name, listed)):
+            fresh.append(name)
+    if not fresh:
+        return method
+    rank_zero_warn(f"model.method.modules_to_save: added {fresh}: the backbone checkpoint has no weights for this head, "
+                   "so it starts random and must be trained (as PEFT does for SEQ_CLS). List it in modules_to_save "
+                   "yourself to silence this warning.")
+    return dataclasses.replace(method, modules_to_save=listed + fresh)
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -56,8 +82,9 @@ class MoELoRAModule(L.LightningModule):
         self.method = config_from_dict(method) if isinstance(method, dict) else method
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.save_hyperparameters(ignore=["method", "optimizer", "scheduler"])
+        self.model, fresh = self._build_backbone()
+        self.method = train_fresh_heads(self.method, self.model, fresh)
         self.hparams["method"] = self.method.to_dict()  # primitives only: weights_only loading works
-        self.model = self._build_backbone()
         if not backbone_dropout:
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Dropout):
@@ -77,9 +104,10 @@ class MoELoRAModule(L.LightningModule):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # a fresh classification head's notice is expected
         try:
-            if self.hparams.task == "causal-lm":
-                return AutoModelForCausalLM.from_pretrained(path)
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=self.hparams.num_labels)
+            auto = AutoModelForCausalLM if self.hparams.task == "causal-lm" else AutoModelForSequenceClassification
+            kwargs = {} if self.hparams.task == "causal-lm" else {"num_labels": self.hparams.num_labels}
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+            return model, set(info.get("missing_keys") or ())
         finally:
             hf_logging.set_verbosity(verbosity)
 
