@@ -66,6 +66,8 @@ def _import_parser() -> argparse.ArgumentParser:
                    help="accept adapter_model.bin (read with torch.load(weights_only=True))")
     p.add_argument("--on-base-mismatch", choices=("warn", "raise", "ignore"))
     p.add_argument("--target-modules", nargs="+", help="restrict fusion to these modules (PEFT rules)")
+    p.add_argument("--adapter-heads", choices=("refuse", "drop"),
+                   help="adapters with modules_to_save copies (a SEQ_CLS head): refuse (default) or drop them")
     p.add_argument("--seed", type=int, help="seed for the gate initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
     return p
@@ -103,7 +105,8 @@ def _meteora_config(args: argparse.Namespace):
         data.pop("method", None)
     flags = {"top_k": args.top_k, "temperature": args.temperature, "gate_loss_coef": args.gate_loss_coef,
              "train_loras": args.train_loras, "allow_pickle": args.allow_pickle,
-             "on_base_mismatch": args.on_base_mismatch, "target_modules": args.target_modules, "seed": args.seed}
+             "on_base_mismatch": args.on_base_mismatch, "target_modules": args.target_modules, "seed": args.seed,
+             "adapter_heads": args.adapter_heads}
     data.update({k: v for k, v in flags.items() if v is not None})
     return MeteoRAConfig.from_dict(data)
 
@@ -121,7 +124,8 @@ def import_lora_main(argv: list[str] | None = None) -> int:
         out = Path(args.output)
         if (out / CONFIG_NAME).exists() and not args.overwrite:
             raise FileExistsError(f"{out} already holds a moelora adapter; pass --overwrite to replace it.")
-        configs = [read_lora_config(path, name=name) for name, path in adapters.items()]
+        configs = [read_lora_config(path, name=name, drop_heads=config.adapter_heads == "drop")
+                   for name, path in adapters.items()]
         base = args.base
         if base is None:
             named = {c.get("base_model_name_or_path") for c in configs} - {None}
@@ -130,7 +134,14 @@ def import_lora_main(argv: list[str] | None = None) -> int:
                                  "pass --base NAME_OR_PATH.")
             base = next(iter(named))
         model = _load_base(base, args.model_class, configs, args.num_labels)
-        from_lora_adapters(model, adapters, config=config)
+        try:
+            from_lora_adapters(model, adapters, config=config)
+        except ValueError as err:
+            if args.model_class == "auto" and "do not exist in" in str(err):
+                raise ValueError(f"{err} [--model-class auto loaded {type(model).__name__}; pick the class the "
+                                 f"adapters were trained on with --model-class "
+                                 f"{{{','.join(MODEL_CLASSES[1:])}}}]") from err
+            raise
         save_adapter(model, out)
     except (OSError, ValueError, TypeError) as err:
         print(f"moelora import-lora: error: {err}", file=sys.stderr)

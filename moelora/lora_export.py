@@ -131,6 +131,7 @@ class _Source:
     names: list[str]
     base_name: str | None
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    task_type: str | None = None
 
     def saved_tensors(self) -> dict[str, Tensor]:
         return {f"{PEFT_PREFIX}{module}.{key}": _tensor(t) for module, part in self.saved.items()
@@ -152,7 +153,19 @@ def _model_source(model: nn.Module) -> _Source:
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     saved = {name: dict(module.trained_module.state_dict()) for name in state.saved_modules
              if isinstance(module := model.get_submodule(name), SavedModule)}  # not MoA's block holders
-    return _Source(banks, state.config, expert_names(model), base, saved)
+    return _Source(banks, state.config, expert_names(model), base, saved, peft_task_type(type(model).__name__))
+
+
+# PEFT task types by the transformers head class suffix: PEFT and ``moelora import-lora`` pick
+# the class to load the base with from it (a bare base class would not have the head's modules).
+_TASK_BY_HEAD = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM",
+                 "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
+                 "ForConditionalGeneration": "SEQ_2_SEQ_LM", "Model": "FEATURE_EXTRACTION"}
+
+
+def peft_task_type(class_name: str) -> str | None:
+    """PEFT ``task_type`` for a transformers model class name (``None`` if not a known head)."""
+    return next((task for suffix, task in _TASK_BY_HEAD.items() if class_name.endswith(suffix)), None)
 
 
 def _with_omega(scale: Tensor, omega: Tensor | None) -> Tensor:
@@ -225,6 +238,7 @@ def _export(src: _Source, out: Path, *, experts, overwrite: bool) -> dict[str, P
         prov = src.provenance[i] if i < len(src.provenance) else {}
         extra = dict(prov) if prov else {"lora_dropout": src.config.dropout}
         extra["base_model_name_or_path"] = extra.get("base_model_name_or_path") or src.base_name
+        extra["task_type"] = extra.get("task_type") or src.task_type
         rslora = bool(prov.get("use_rslora", False)) if prov else bool(src.config.use_rslora)
         tensors, modules = {}, {}
         for bank in banks:
@@ -303,7 +317,8 @@ def _collapse(src: _Source, weights: Any, directory: Path, *, rank: int | None, 
         raise ValueError(f"the weights {w.tolist()} select no expert with rank > 0 in any module.")
     tensors.update(src.saved_tensors())
     config = _peft_config(modules, rslora=False, conv1d=any(b.conv1d for b in src.banks if b.name in modules),
-                          extra={"base_model_name_or_path": src.base_name, "lora_dropout": 0.0}, saved=src.saved)
+                          extra={"base_model_name_or_path": src.base_name, "lora_dropout": 0.0,
+                                 "task_type": src.task_type}, saved=src.saved)
     record = {"exported_by": "moelora", "collapse": {n: float(w[i]) for i, n in enumerate(src.names)},
               "svd_rank": rank,
               "sources": {p["name"]: {k: p.get(k) for k in ("path", "sha256")} for p in src.provenance}}
@@ -352,8 +367,9 @@ def _saved_source(path: str | os.PathLike) -> _Source:
         raise ValueError(f"{directory / 'moelora_config.json'} lists no wrapped modules, or modules with "
                          "different expert counts.")
     n = space.num_experts(config, max(len(b.ranks) for b in banks))
-    return _Source(banks, config, space.expert_names(config, n), (meta.get("base_model") or {}).get("name_or_path"),
-                   saved)
+    base = meta.get("base_model") or {}
+    return _Source(banks, config, space.expert_names(config, n), base.get("name_or_path"), saved,
+                   peft_task_type(base.get("class") or ""))
 
 
 def export_saved_adapter(path: str | os.PathLike, out: str | os.PathLike, *,

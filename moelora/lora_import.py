@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_lora_config(path: str | os.PathLike, *, name: str = "adapter") -> dict[str, Any]:
-    """Parse and check ``adapter_config.json``: a LoRA with no refused feature.
+def read_lora_config(path: str | os.PathLike, *, name: str = "adapter", drop_heads: bool = False) -> dict[str, Any]:
+    """Parse and check ``adapter_config.json``: a LoRA with no refused feature (``drop_heads``
+    accepts ``modules_to_save``: :func:`read_lora_adapter` then leaves those copies out).
 
     Raises:
         FileNotFoundError: the directory or its config file does not exist.
@@ -147,9 +149,12 @@ def read_lora_config(path: str | os.PathLike, *, name: str = "adapter") -> dict[
         raise ValueError(f"adapter {name!r}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters "
                          "(peft_type 'LORA') can be imported as experts.")
     for key, what in _REFUSED_FEATURES.items():
-        if cfg.get(key):
+        if cfg.get(key) and not (key == "modules_to_save" and drop_heads):
+            hint = (" Or leave the copies out with MeteoRAConfig(adapter_heads='drop') (CLI: --adapter-heads drop): "
+                    "the fused model then uses its own head (list it in modules_to_save to train one)."
+                    if key == "modules_to_save" else "")
             raise ValueError(f"adapter {name!r} uses {what}, which a routed LoRA expert cannot represent; "
-                             f"re-train or save it as a plain LoRA ({key} unset) to import it.")
+                             f"re-train or save it as a plain LoRA ({key} unset) to import it.{hint}")
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise ValueError(f"adapter {name!r} was initialised with init_lora_weights={init!r}, which also rewrites "
@@ -201,6 +206,15 @@ def _classify_key(key: str) -> tuple[str, str]:
     if name.endswith(".lora_B.bias"):
         return name, "bias-LoRA (lora_B.bias)"
     return name, "a tensor that is not a LoRA factor (e.g. a saved bias or a modules_to_save copy)"
+
+
+def _head_of(key: str, heads: list[str]) -> str | None:
+    """The ``modules_to_save`` module (PEFT suffix rules) that tensor ``key`` belongs to, or None."""
+    if not heads:
+        return None
+    parts = (key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key).split(".")
+    return next((".".join(parts[:i]) for i in range(1, len(parts)) if name_matches(".".join(parts[:i]), heads)),
+                None)
 
 
 def _check_base_copies(where: str, base_copies: dict[str, str], load, module_names: dict[str, nn.Module]) -> None:
@@ -273,7 +287,7 @@ def expected_modules(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
 
 
 def read_lora_adapter(name: str, path: str | os.PathLike, model: nn.Module, *, allow_pickle: bool = False,
-                      max_bytes: int | None = None) -> LoraAdapter:
+                      max_bytes: int | None = None, drop_heads: bool = False) -> LoraAdapter:
     """Read one PEFT LoRA directory and validate it against ``model`` (which is never modified).
 
     Args:
@@ -282,6 +296,8 @@ def read_lora_adapter(name: str, path: str | os.PathLike, model: nn.Module, *, a
         model: the base model the adapter will be fused into (module names and shapes).
         allow_pickle: accept a legacy ``adapter_model.bin`` (read with ``weights_only=True``).
         max_bytes: refuse tensor files whose tensors total more bytes than this (None = no bound).
+        drop_heads: leave out the adapter's ``modules_to_save`` copies (e.g. the classification
+            head PEFT adds for ``SEQ_CLS``) with a warning, instead of refusing the adapter.
 
     Returns:
         The adapter with every module's ``lora_A [r, d_in]``, ``lora_B [d_out, r]`` and scale.
@@ -292,11 +308,18 @@ def read_lora_adapter(name: str, path: str | os.PathLike, model: nn.Module, *, a
             linear, wrong shapes or ranks, non-float dtypes, non-finite values, too many bytes.
     """
     directory = Path(path).expanduser().resolve()
-    cfg = read_lora_config(directory, name=name)
+    cfg = read_lora_config(directory, name=name, drop_heads=drop_heads)
     weights_file, shapes, load = _open_tensors(name, directory, allow_pickle=allow_pickle)
     where = f"adapter {name!r} ({weights_file})"
     if not shapes:
         raise ValueError(f"{where} holds no tensors.")
+    heads = list(cfg.get("modules_to_save") or []) if drop_heads else []
+    dropped = sorted({m for k in shapes if (m := _head_of(k, heads)) is not None})
+    if dropped:
+        shapes = {k: v for k, v in shapes.items() if _head_of(k, heads) is None}
+        warnings.warn(f"{where}: its trained copies of {dropped} (modules_to_save) are not imported "
+                      "(adapter_heads='drop'); the fused model computes with its own modules there.",
+                      UserWarning, stacklevel=3)
 
     pairs: dict[str, dict[str, str]] = {}
     base_copies: dict[str, str] = {}

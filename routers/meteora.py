@@ -73,7 +73,9 @@ class MeteoRARouter(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """``[T, d_in]`` → ``[T, N]`` gate logits, float32 (float64 after ``model.double()``)."""
-        return router_logits(x, self.gate.weight, self.gate.bias)
+        if self.gate.weight.dtype in (torch.float32, torch.float64):
+            return self.gate(x.to(self.gate.weight.dtype))  # through the module: its hooks see the logits
+        return router_logits(x, self.gate.weight, self.gate.bias)  # after model.half(): upcast the gate
 
     def forward(self, x: Tensor, *, token_mask: Tensor | None = None) -> Routing:
         """Route ``x [T, d_in]``; ``token_mask [T]`` bool excludes padding from the gate loss."""

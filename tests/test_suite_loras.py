@@ -43,11 +43,40 @@ def test_exported_adapter_is_the_trained_lora_in_peft(two_loras, minilm_tokenize
         base = minilm_classifier().bert(**batch).last_hidden_state
     assert (want - base).abs().max() > 1e-4, "two training steps must move the LoRA off zero"
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the trained head goes with it (modules_to_save), so the logits agree too
+        torch.testing.assert_close(loaded(**batch).logits, trained.eval()(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_imports_suite_loras_with_the_class_and_heads_they_need(two_loras, tmp_path, capsys):
+    import json
+    import shutil
+
+    from moelora.lora_cli import import_lora_main
+
+    assert json.loads((two_loras["topic"] / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    pairs = [f"{t}={d}" for t, d in two_loras.items()]
+    assert import_lora_main(pairs + ["-o", str(tmp_path / "a"), "--top-k", "1"]) == 1
+    assert "--adapter-heads drop" in capsys.readouterr().err
+    assert import_lora_main(pairs + ["-o", str(tmp_path / "b"), "--top-k", "1", "--adapter-heads", "drop"]) == 0, \
+        capsys.readouterr().err
+    # Without a task type, "auto" loads the bare BertModel; the error says how to pick the class.
+    bare = tmp_path / "bare"
+    shutil.copytree(two_loras["topic"], bare)
+    cfg = json.loads((bare / "adapter_config.json").read_text())
+    cfg["task_type"] = None
+    (bare / "adapter_config.json").write_text(json.dumps(cfg))
+    assert import_lora_main([f"topic={bare}", "-o", str(tmp_path / "c"), "--top-k", "1", "--adapter-heads", "drop"]) == 1
+    assert "--model-class" in capsys.readouterr().err
 
 
 def test_pooler_gate_is_supervised_by_each_sequence_task(two_loras, minilm_tokenizer):
-    model = moelora.from_lora_adapters(minilm_classifier(), {t: str(d) for t, d in two_loras.items()},
-                                       config=moelora.MeteoRAConfig(top_k=1, gate_loss_coef=3.0, seed=0)).train()
+    adapters = {t: str(d) for t, d in two_loras.items()}
+    # Each suite LoRA carries its trained head (modules_to_save), which one routed expert cannot.
+    with pytest.raises(ValueError, match="adapter_heads='drop'"):
+        moelora.from_lora_adapters(minilm_classifier(), adapters, config=moelora.MeteoRAConfig(top_k=1))
+    with pytest.warns(UserWarning, match=r"copies of \['classifier'\] \(modules_to_save\) are not imported"):
+        model = moelora.from_lora_adapters(minilm_classifier(), adapters, config=moelora.MeteoRAConfig(
+            top_k=1, gate_loss_coef=3.0, seed=0, adapter_heads="drop")).train()
     pooler = next(layer for layer in moelora.wrapped_layers(model) if layer.name.endswith("pooler.dense"))
     logits = []
     pooler.router.register_forward_hook(lambda m, args, out: logits.append(m.gate(args[0]).detach()))

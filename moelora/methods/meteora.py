@@ -95,6 +95,11 @@ class MeteoRAConfig(MoELoRAConfig):
     adapter's LoRA settings. Filled in by :func:`from_lora_adapters`; saved with the adapter."""
     aux_loss_coef: float = 0.0
     """Switch load-balancing loss weight; 0 (off) as in MeteoRA."""
+    adapter_heads: str = "refuse"
+    """An adapter with trained ``modules_to_save`` copies (PEFT adds the classification head for
+    ``SEQ_CLS``): ``"refuse"`` (default; one expert cannot carry its own head) or ``"drop"``
+    (leave the copies out with a warning; the fused model uses its own head, trained when listed
+    in ``modules_to_save``)."""
 
     def __post_init__(self) -> None:
         targets, num = self.target_modules, self.num_experts
@@ -118,6 +123,8 @@ class MeteoRAConfig(MoELoRAConfig):
         for name in ("train_loras", "allow_pickle"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "true or false")
+        if self.adapter_heads not in ("refuse", "drop"):
+            _fail("adapter_heads", self.adapter_heads, "'refuse' or 'drop'")
         if self.on_base_mismatch not in BASE_MISMATCH_POLICIES:
             _fail("on_base_mismatch", self.on_base_mismatch, f"one of {BASE_MISMATCH_POLICIES}")
         if self.max_adapter_bytes is not None and (not isinstance(self.max_adapter_bytes, int)
@@ -187,7 +194,8 @@ def from_lora_adapters(model: nn.Module, adapters: Mapping[str, Any] | None = No
         raise ValueError(f"MeteoRAConfig.num_experts={config.num_experts} but {n} adapters were given; "
                          "leave num_experts unset (it is filled in from the adapters).")
     loaded = [read_lora_adapter(name, adapters[name], model, allow_pickle=config.allow_pickle,
-                                max_bytes=config.max_adapter_bytes) for name in names]
+                                max_bytes=config.max_adapter_bytes, drop_heads=config.adapter_heads == "drop")
+              for name in names]
     _check_bases(model, loaded, config.on_base_mismatch)
     _check_unchanged(loaded, config.experts)
     targets = _select_modules(model, loaded, config)
