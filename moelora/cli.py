@@ -96,12 +96,14 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTRA_COMMANDS:
         return _run_extra(argv[0], argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print("extra commands: " + ", ".join(EXTRA_COMMANDS) + " (moelora <command> --help)\n")
-    build_cli(argv)
+    # None lets LightningCLI read sys.argv itself; passing the same list warns on every run.
+    build_cli(None if from_command_line else argv)
     return 0
 
 

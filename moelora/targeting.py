@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 
@@ -82,6 +83,13 @@ def find_targets(model: nn.Module, target_modules: list[str] | str, exclude_modu
             f"Target modules {target_modules!r} not found in the base model "
             f"(exclude_modules={exclude_modules!r}). Linear modules it has, by short name: "
             f"{candidate_names(model)}. Please check target_modules and try again.")
+    if isinstance(target_modules, list):
+        names = [n for n, _ in model.named_modules() if n]
+        idle = [t for t in target_modules if not any(name_matches(n, [t]) for n in names)]
+        if idle:  # PEFT ignores these silently; a typo then just trains fewer modules
+            warnings.warn(f"target_modules entries {idle} match no module of {type(model).__name__} (the others "
+                          f"do, so injection goes on). Linear modules it has, by short name: "
+                          f"{candidate_names(model)}.", UserWarning, stacklevel=4)
     return matched
 
 

@@ -81,6 +81,9 @@ def test_targeting_rules_follow_peft():
     names = find_targets(model, "all-linear", ["down_proj", "model.layers.0.self_attn.q_proj"])
     assert not any(n.endswith("down_proj") for n in names)
     assert "model.layers.0.self_attn.q_proj" not in names and "model.layers.1.self_attn.q_proj" in names
+    # a misspelled entry beside a good one: injection goes on (as in PEFT), but it is named
+    with pytest.warns(UserWarning, match=r"entries \['q_porj'\] match no module"):
+        assert len(find_targets(model, ["q_porj", "v_proj"], None)) == 2
 
 
 def test_all_linear_skips_classifier_head():

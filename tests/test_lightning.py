@@ -188,3 +188,53 @@ def test_a_fresh_classification_head_is_trained_not_left_frozen(recwarn):
                                                  num_experts=2, top_k=1, rank=2))
     assert listed.method.modules_to_save == ["classifier"]
     assert not any("modules_to_save" in str(w.message) for w in recwarn)
+
+
+def test_prediction_rows_line_up_token_by_token(tmp_path):
+    import types
+
+    from moelora.lightning import RoutingPredictionWriter
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    batch = {"input_ids": torch.arange(8).view(2, 4), "attention_mask": mask,
+             "predictions": torch.arange(10, 18).view(2, 4),            # causal LM: one per position
+             "routing": {"l": torch.arange(16).view(2, 4, 2)}}
+    trainer = types.SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True, datamodule=None)
+    writer = RoutingPredictionWriter(output=str(tmp_path / "p.jsonl"))
+    writer.write_on_epoch_end(trainer, None, [batch], None)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == [[10, 11, 12], [14, 15]]
+    assert all(len(r["prediction"]) == len(r["input_ids"]) == len(r["routing"]["l"]) for r in rows)
+
+
+def test_test_split_is_held_out_not_the_validation_set(tmp_path):
+    data = TextDataModule(suite_train_per_task=2, suite_val_per_task=3, batch_size=4, seed=0)
+    data.setup("test")
+    assert data.test_set is not None and data.test_set["text"] != data.val_set["text"]
+    assert data.test_dataloader().dataset is data.test_set
+    rows = [{"text": f"example {i}", "label": i % 2} for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:5]))
+    plain = TextDataModule(dataset=str(tmp_path / "d.jsonl"), batch_size=4)
+    plain.setup("test")
+    with pytest.warns(UserWarning, match="`test` runs on the validation set"):
+        assert plain.test_dataloader().dataset is plain.val_set
+    given = TextDataModule(dataset=str(tmp_path / "d.jsonl"), test=str(tmp_path / "t.jsonl"), batch_size=4)
+    given.setup("test")
+    assert len(given.test_dataloader().dataset) == 5
+
+
+def test_load_from_checkpoint_restores_the_adapter_without_listing_the_backbone(tmp_path, recwarn):
+    L.seed_everything(0)
+    module, data = make(tmp_path)
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    lightning_trainer(tmp_path / "a", 2, [ckpt_cb]).fit(module, data)
+    recwarn.clear()
+    loaded = MoELoRAModule.load_from_checkpoint(tmp_path / "ck" / "last.ckpt")
+    assert not [w for w in recwarn if "not in the checkpoint" in str(w.message)], "frozen backbone keys listed"
+    want = module.state_dict()
+    assert want.keys() == loaded.state_dict().keys() and all(torch.equal(want[k], loaded.state_dict()[k]) for k in want)
+    bad = dict(want)
+    bad.pop(next(iter(bad)))
+    with pytest.raises(RuntimeError, match="missing"):
+        loaded.load_state_dict(bad)

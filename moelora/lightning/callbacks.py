@@ -101,9 +101,12 @@ class RoutingPredictionWriter(BasePredictionWriter):
                 for i in range(batch["input_ids"].shape[0]):
                     real = batch["attention_mask"][i].bool()
                     ids = batch["input_ids"][i][real].tolist()
+                    pred = batch["predictions"][i]
+                    if pred.dim() == 1 and pred.shape[0] == real.shape[0]:
+                        pred = pred[real]  # per-token (causal LM): the same positions as tokens and routing
                     row = {"input_ids": ids,
                            "tokens": tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else None,
-                           "prediction": batch["predictions"][i].tolist(),
+                           "prediction": pred.tolist(),
                            "routing": {name: r[i][real].tolist() for name, r in batch["routing"].items()}}
                     f.write(json.dumps(row) + "\n")
         os.replace(tmp, self.path)

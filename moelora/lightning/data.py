@@ -84,6 +84,9 @@ class TextDataModule(L.LightningDataModule):
             file, or a hub dataset name.
         validation: a file or hub split for validation; default: the suite's own held-out
             examples, or ``val_fraction`` of ``dataset``.
+        test: a file or hub split for ``moelora test``; default: for the suite a third held-out
+            draw (``suite_val_per_task`` per task, another seed), otherwise the validation set
+            (with a warning: a test score on the data used for model selection is optimistic).
         tokenizer: tokenizer name or path (``"minilm"`` = the bundled one); the CLI links it to
             ``model.backbone``.
         task: ``"sequence-classification"`` or ``"causal-lm"`` (the CLI links it to ``model.task``).
@@ -96,7 +99,8 @@ class TextDataModule(L.LightningDataModule):
         seed: data order and suite generation seed.
     """
 
-    def __init__(self, *, dataset: str = "suite", validation: str | None = None, tokenizer: str = "minilm",
+    def __init__(self, *, dataset: str = "suite", validation: str | None = None, test: str | None = None,
+                 tokenizer: str = "minilm",
                  task: str = "sequence-classification", text_column: str = "text", label_column: str = "label",
                  task_column: str | None = "task_id", suite_tasks: list[str] | None = None,
                  suite_train_per_task: int = 400, suite_val_per_task: int = 50, batch_size: int = 32,
@@ -111,7 +115,7 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.suite_tasks = tuple(suite_tasks) if suite_tasks else TASKS
         self._tokenizer = None
-        self.train_set = self.val_set = None
+        self.train_set = self.val_set = self.test_set = None
         self._sampler: EpochSampler | None = None
         self._resume_skip = 0
 
@@ -134,6 +138,7 @@ class TextDataModule(L.LightningDataModule):
         if h.dataset == "suite":
             self.train_set = suite_dataset(h.suite_train_per_task, seed=h.seed, tasks=self.suite_tasks)
             self.val_set = suite_dataset(h.suite_val_per_task, seed=h.seed + 1, tasks=self.suite_tasks)
+            self.test_set = suite_dataset(h.suite_val_per_task, seed=h.seed + 2, tasks=self.suite_tasks)
         else:
             data = load_text_dataset(h.dataset)
             if h.validation:
@@ -141,7 +146,11 @@ class TextDataModule(L.LightningDataModule):
             else:
                 split = data.train_test_split(test_size=h.val_fraction, seed=h.seed)
                 self.train_set, self.val_set = split["train"], split["test"]
-        for name, ds in (("dataset", self.train_set), ("validation", self.val_set)):
+            if h.test:
+                self.test_set = load_text_dataset(h.test, split="test")
+        for name, ds in (("dataset", self.train_set), ("validation", self.val_set), ("test", self.test_set)):
+            if ds is None:
+                continue
             needed = [h.text_column] + ([h.label_column] if h.task == "sequence-classification" else [])
             missing = [c for c in needed if c not in ds.column_names]
             if missing:
@@ -185,7 +194,13 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        if self.test_set is None:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn("data.test is not set: `test` runs on the validation set. Give data.test a file or "
+                           "split held out from model selection for an unbiased score.")
+            return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.test_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -190,6 +190,18 @@ class MoELoRAModule(L.LightningModule):
         keys = self.adapter_keys()
         return type(full)((k, v) for k, v in full.items() if k in keys)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load an adapter-only state dict (what :meth:`state_dict` returns): the frozen backbone
+        keys it never holds are not "missing", so ``load_from_checkpoint`` does not list every
+        backbone weight in a warning, and ``strict`` checks the adapter keys alone."""
+        keys = super().load_state_dict(state_dict, strict=False, assign=assign)
+        adapter = self.adapter_keys()
+        missing = [k for k in keys.missing_keys if k in adapter]
+        if strict and (missing or keys.unexpected_keys):
+            raise RuntimeError(f"adapter state dict does not fit {type(self).__name__}: missing {missing[:10]}, "
+                               f"unexpected {keys.unexpected_keys[:10]}")
+        return torch.nn.modules.module._IncompatibleKeys(missing, keys.unexpected_keys)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["moelora"] = {"rng": torch.get_rng_state(), "method": self.method.to_dict()}
 
