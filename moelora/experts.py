@@ -43,7 +43,9 @@ class ExpertBank(nn.Module):
         total = sum(ranks)
         self.A = nn.Parameter(torch.empty(total, in_features, dtype=dtype, device=device))
         self.Bt = nn.Parameter(torch.zeros(total, out_features, dtype=dtype, device=device))
-        self.register_buffer("scale", torch.tensor([float(s) for s in scales], dtype=torch.float32, device=device))
+        # At least fp32 (a bf16 alpha/r would be off by up to 0.4%); float64 banks keep float64.
+        scale_dtype = torch.promote_types(dtype, torch.float32)
+        self.register_buffer("scale", torch.tensor([float(s) for s in scales], dtype=scale_dtype, device=device))
         offsets = [0]
         for r in ranks:
             offsets.append(offsets[-1] + r)

@@ -282,7 +282,8 @@ def aux_loss(model: nn.Module) -> Tensor:
     if not losses:
         device = layers[0].bank.A.device if layers else torch.device("cpu")
         return torch.zeros((), device=device)
-    return torch.stack([loss.float() for loss in losses]).sum()
+    dtype = torch.float64 if any(loss.dtype == torch.float64 for loss in losses) else torch.float32
+    return torch.stack([loss.to(dtype) for loss in losses]).sum()  # at least fp32; float64 routers keep it
 
 
 def routing_stats(model: nn.Module, *, sync: bool = False):

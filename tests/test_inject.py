@@ -275,3 +275,17 @@ def test_injected_model_pickles_and_deepcopies(token_ids):
             torch.testing.assert_close(clone(token_ids).logits, want, atol=0, rtol=0)
         moelora.unwrap(clone)  # the copy has its own adapter state
     assert len(moelora.wrapped_layers(model)) == 2
+
+
+def test_float64_bank_keeps_its_scale_in_float64():
+    # alpha / r = 8/3 stored in fp32 is off by 3e-8 relative: visible against a float64 oracle.
+    base = torch.nn.Sequential(torch.nn.Linear(5, 4)).double()
+    model = moelora.inject(copy.deepcopy(base), moelora.MoELoRAConfig(
+        target_modules=["0"], num_experts=1, top_k=1, rank=3, alpha=8, adapter_dtype="float64", seed=0))
+    layer = moelora.wrapped_layers(model)[0]
+    with torch.no_grad():
+        layer.bank.Bt.normal_()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    want = base(x) + (8 / 3) * (x @ layer.bank.A.t()) @ layer.bank.Bt
+    assert layer.bank.scale.dtype == torch.float64
+    torch.testing.assert_close(model(x), want, atol=1e-12, rtol=1e-12)
