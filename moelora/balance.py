@@ -7,6 +7,7 @@ Statistics are recorded once per real forward: a recomputation under activation 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -186,6 +187,18 @@ class _Pending:
                    torch.zeros((), dtype=torch.long, device=device))
 
 
+def _outside_inference_mode(method):
+    """Run ``method`` with inference mode off: accumulators created under ``torch.inference_mode()``
+    would be inference tensors, which the next normal forward may not add into in place."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return method(*args, **kwargs)
+        return method(*args, **kwargs)
+    return wrapper
+
+
 class LoadTracker:
     """Accumulates :class:`LayerStats` per wrapped layer, keyed by module name.
 
@@ -213,6 +226,7 @@ class LoadTracker:
         self._pending.clear()  # the statistics are replaced as a whole
         self._layers = value
 
+    @_outside_inference_mode
     def _settle(self) -> None:
         for name, p in self._pending.items():
             stats = self._layers.get(name)
@@ -229,6 +243,7 @@ class LoadTracker:
                 stats.grow_tasks(p.task_counts.shape[0])[:p.task_counts.shape[0]] += p.task_counts.cpu().double()
         self._pending.clear()
 
+    @_outside_inference_mode
     @torch.no_grad()
     def record(self, name: str, num_experts: int, expert_ids: Tensor, probs: Tensor | None,
                dropped: Tensor | None, token_mask: Tensor | None, task_ids: Tensor | None = None,

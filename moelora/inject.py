@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -208,16 +209,63 @@ def attach_adapter(model: nn.Module, plan: AdapterPlan) -> None:
 
 
 class _CaptureMask:
-    """Forward pre-hook: the flattened ``attention_mask`` of this forward becomes the token mask.
+    """Forward pre-hook: the flattened ``attention_mask`` of this forward (a keyword, or the
+    positional argument of that name in the model's ``forward``) becomes the token mask. It also
+    makes every transformers checkpointed layer carry that mask into its recomputation
+    (:class:`ReplayingCheckpoint`).
 
     A class, not a closure, so injected models stay picklable (``ddp_spawn``, ``deepcopy``)."""
 
     def __init__(self, state: AdapterState) -> None:
         self.state = state
+        self.position: int | None = -1   # of attention_mask among forward's positional args; -1 = not read yet
+        self.checkpointed: list[nn.Module] | None = None
 
     def __call__(self, module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask")
+        if mask is None and args:
+            if self.position == -1:
+                self.position = _positional_index(module.forward, "attention_mask")
+            if self.position is not None and self.position < len(args):
+                mask = args[self.position]
         self.state.token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        if self.checkpointed is None:
+            self.checkpointed = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
+        for m in self.checkpointed:  # gradient_checkpointing_enable() may have run since the last forward
+            func = m.__dict__.get("_gradient_checkpointing_func")
+            if func is not None and not isinstance(func, ReplayingCheckpoint):
+                m._gradient_checkpointing_func = ReplayingCheckpoint(func, self.state)
+
+
+def _positional_index(forward, name: str) -> int | None:
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional.index(name) if name in positional else None
+
+
+class ReplayingCheckpoint:
+    """Wraps a transformers layer's ``_gradient_checkpointing_func``: each checkpointed call runs
+    its function with ``state.replay`` set to the token mask of the forward that made it, both
+    then and when backward recomputes it. Without this a recomputation could only read the last
+    forward's mask, wrong when two forwards share one backward (SiRA's capacity would then count
+    padding). ``unwrap`` puts the original function back."""
+
+    def __init__(self, inner, state: AdapterState) -> None:
+        self.inner, self.state = inner, state
+
+    def __call__(self, function, *args, **kwargs):
+        state, replay = self.state, (self.state.token_mask,)
+
+        def run(*a, **k):
+            previous, state.replay = state.replay, replay
+            try:
+                return function(*a, **k)
+            finally:
+                state.replay = previous
+        return self.inner(run, *args, **kwargs)
 
 
 class _ReleaseMask:
@@ -246,6 +294,10 @@ def unwrap(model: nn.Module) -> nn.Module:
             setattr(parent, child, original)
     for handle in state.handles:
         handle.remove()
+    for module in model.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(func, ReplayingCheckpoint):
+            module._gradient_checkpointing_func = func.inner
     for pname, param in model.named_parameters():
         if pname in state.requires_grad:
             param.requires_grad_(state.requires_grad[pname])

@@ -30,6 +30,8 @@ class AdapterState:
         saved_modules: names of the ``modules_to_save`` wrappers.
         requires_grad: each original parameter's ``requires_grad`` before injection (for unwrap).
         handles: forward-hook handles to remove on unwrap.
+        replay: ``(mask,)`` while a checkpointed layer runs: the token mask of the forward that
+            made the checkpoint, read on recomputation; ``None`` outside one.
         task_ids: int64 task ids of the current forward, one per token, shaped as given to
             :func:`moelora.set_task_ids` (``[batch, seq]`` or ``[T]``; negative = none); MeteoRA
             gates supervise on them, statistics group by them. Read them with :meth:`task_ids_for`.
@@ -45,11 +47,19 @@ class AdapterState:
     requires_grad: dict[str, bool] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
     task_ids: Tensor | None = None
+    replay: tuple[Tensor | None] | None = None
 
     def mask_for(self, num_tokens: int, *, recomputing: bool = False) -> Tensor | None:
         """The token mask of this forward (or, when ``recomputing``, of the forward being
-        recomputed) if it describes ``num_tokens`` tokens, else ``None``."""
-        m = self.last_token_mask if recomputing and self.token_mask is None else self.token_mask
+        recomputed) if it describes ``num_tokens`` tokens, else ``None``.
+
+        A recomputation inside a transformers checkpointed layer gets the mask of the forward that
+        made that checkpoint (``replay``, set by :class:`~moelora.inject.ReplayingCheckpoint`), so
+        two forwards sharing one backward each replay their own; elsewhere the last forward's."""
+        if recomputing and self.replay is not None:
+            m = self.replay[0]
+        else:
+            m = self.last_token_mask if recomputing and self.token_mask is None else self.token_mask
         return m if m is not None and m.numel() == num_tokens else None
 
     def task_rows(self) -> int:

@@ -262,6 +262,59 @@ def test_checkpointed_gradients_equal_plain_ones_with_padding(token_ids):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_two_checkpointed_forwards_sharing_one_backward_replay_their_own_masks():
+    # SiRA's capacity counts real tokens only. Recomputed in backward, forward 1 used to read
+    # forward 2's mask (the last one), so padding took capacity and other slots were dropped.
+    cfg = moelora.SiRAConfig(target_modules="all-linear", num_experts=4, top_k=2, rank=4, seed=0,
+                             min_capacity=0, capacity_factor=1.0, expert_dropout=0.0)
+    base = moelora.inject(tiny_llama(), cfg)
+    with torch.no_grad():
+        for layer in moelora.wrapped_layers(base):
+            layer.bank.Bt.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(0)
+    ids1, ids2 = torch.randint(3, 97, (2, 10), generator=g), torch.randint(3, 97, (2, 12), generator=g)
+    m1, m2 = torch.ones_like(ids1), torch.ones_like(ids2)
+    m1[1, :5] = 0
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        l1 = model(input_ids=ids1, attention_mask=m1, labels=ids1.masked_fill(m1 == 0, -100)).loss
+        l2 = model(input_ids=ids2, attention_mask=m2, labels=ids2).loss
+        (l1 + l2).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+    moelora.unwrap(model)
+    assert not any(type(m.__dict__.get("_gradient_checkpointing_func")).__name__ == "ReplayingCheckpoint"
+                   for m in model.modules()), "unwrap restores transformers' checkpoint function"
+
+
+def test_positional_attention_mask_is_the_token_mask(token_ids):
+    model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], seed=0)).eval()
+    mask = torch.ones_like(token_ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        by_name = model(input_ids=token_ids, attention_mask=mask).logits
+        tokens = moelora.routing_stats(model).layers["model.layers.0.self_attn.q_proj"].tokens
+        by_position = model(token_ids, mask).logits
+    assert moelora.routing_stats(model).layers["model.layers.0.self_attn.q_proj"].tokens == 2 * tokens
+    assert tokens == int(mask.sum())
+    torch.testing.assert_close(by_position, by_name, atol=0, rtol=0)
+
+
+def test_an_inference_mode_forward_does_not_break_the_next_training_step(token_ids):
+    model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], seed=0))
+    with torch.inference_mode():
+        model.eval()(token_ids)
+    out = model.train()(input_ids=token_ids, labels=token_ids)
+    (out.loss + moelora.aux_loss(model)).backward()
+    stats = moelora.routing_stats(model).layers["model.layers.0.self_attn.q_proj"]
+    assert stats.forwards == 2 and not stats.counts.is_inference()
+
+
 def test_injected_model_pickles_and_deepcopies(token_ids):
     import pickle
 

@@ -209,3 +209,11 @@ def test_checkpointing_gives_same_grads_and_counts_once(variant, token_ids):
     for name in a:
         assert b[name].forwards == 1 and b[name].tokens == int(mask.sum())
         assert torch.equal(a[name].counts, b[name].counts)
+
+
+def test_sparse_moa_trains_under_bf16_autocast(token_ids):
+    model = moelora.inject(tiny_llama(), moelora.MoAConfig(variant="sparse", seed=0)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=token_ids, labels=token_ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)

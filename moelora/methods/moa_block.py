@@ -127,7 +127,8 @@ class MoABlock(nn.Module):
         else:
             out = x.new_zeros(x.shape)
             if idx.numel():
-                out = out.index_add(0, idx, self.adapter(x.index_select(0, idx)) * w.index_select(0, idx).unsqueeze(1))
+                part = self.adapter(x.index_select(0, idx)) * w.index_select(0, idx).unsqueeze(1)
+                out = out.index_add(0, idx, part.to(out.dtype))  # autocast may have made it bf16
             out = ddp_touch(out, self.adapter, self.router)
         return out.view(h.shape).to(h.dtype)
 

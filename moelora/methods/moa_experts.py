@@ -157,7 +157,8 @@ class MoALoRALinear(MoELoRALinear):
         else:
             delta = flat.new_zeros(flat.shape[0], bank.out_features, dtype=bank.A.dtype)
             if idx.numel():
-                delta = delta.index_add(0, idx, self._lora(flat.index_select(0, idx), w.index_select(0, idx)))
+                part = self._lora(flat.index_select(0, idx), w.index_select(0, idx))
+                delta = delta.index_add(0, idx, part.to(delta.dtype))  # autocast may have made it bf16
             delta = ddp_touch(delta, bank, self._block.router)
         if not recompute:
             active = torch.ones_like(w, dtype=torch.bool) if gates.active is None else gates.active[:, self.type_index]
