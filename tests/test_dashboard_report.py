@@ -157,7 +157,14 @@ def test_report_of_a_damaged_or_empty_store(tmp_path):
     page = build_report(tmp_path / "a").read_text()
     assert "Some records were skipped" in page and "incomplete" in page
     RoutingStore(tmp_path / "b" / "routing").write_meta({"layers": []})
-    assert "holds no routing windows" in build_report(tmp_path / "b").read_text()
+    assert "holds no training or evaluation routing windows" in build_report(tmp_path / "b").read_text()
+    store = RoutingStore(tmp_path / "c" / "routing")
+    store.write_meta({"layers": [{"name": "m.l0.q", "label": "l0.q", "num_experts": 4, "top_k": 2}]})
+    store.append_window("sanity", 0, {"m.l0.q": stats([1, 2, 3, 4])})
+    page = build_report(tmp_path / "c").read_text()
+    assert "only 1 sanity-check window(s)" in page and "<nav>" not in page, "no links to sections that do not exist"
+    (tmp_path / "c" / "routing" / "meta.json").write_text("[1, 2]")  # valid JSON, not an object
+    assert "holds a JSON list, not an object" in build_report(tmp_path / "c").read_text()
 
 
 def test_moelora_report_command(tmp_path, capsys):
@@ -171,3 +178,66 @@ def test_moelora_report_command(tmp_path, capsys):
     assert (tmp_path / "run" / "routing_report.html").is_file()
     assert report_main([str(tmp_path / "missing")]) == 1
     assert "no routing store" in capsys.readouterr().err
+
+
+def test_token_json_survives_strings_that_open_html_comments(tmp_path):
+    # "<!--<script>" inside a <script> element puts the HTML parser in a state where "</script>"
+    # no longer ends it: the token view, its selectors and the footer vanished, without an error.
+    store = synthetic_store(tmp_path, samples=False)
+    evil = "<!--<script>"
+    store.append({"kind": "sample", "stage": "val", "step": 80, "texts": [
+        {"tokens": ["a", evil, "</script>", "&amp;"], "task": 0, "label": 0,
+         "routing": {"m.l0.q": {"experts": [[0, 1]] * 4, "weights": [[0.5, 0.5]] * 4}}}]})
+    page = build_report(tmp_path, tmp_path / "r.html").read_text()
+    block = re.search(r'<script type="application/json" id="token-data">(.*?)</script>', page, re.S).group(1)
+    assert "<" not in block and ">" not in block and "&" not in block
+    assert json.loads(block)["sets"][0]["texts"][0]["tokens"] == ["a", evil, "</script>", "&amp;"]
+    assert page.rstrip().endswith("</html>") and page.count('id="token-sample"') == 1
+
+
+def test_report_into_a_directory_and_concurrent_builds(tmp_path):
+    import threading
+
+    synthetic_store(tmp_path / "run")
+    (tmp_path / "out").mkdir()
+    assert build_report(tmp_path / "run", tmp_path / "out") == tmp_path / "out" / "routing_report.html"
+    errors = []
+
+    def build():
+        try:
+            build_report(tmp_path / "run")
+        except Exception as err:  # noqa: BLE001 - collected for the assert
+            errors.append(err)
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_coactivation_note_only_when_no_token_shared_experts():
+    names, labels = ["a"], {"a": "a"}
+    top1 = {"a": stats([3, 2, 0])}
+    sparse = {"a": stats([2, 2, 0], coact=[[2, 2, 0], [2, 2, 0], [0, 0, 0]], tokens=10)}  # 0.4 slots/token
+    contents = type("C", (), {"meta": {}})()
+    note = "no token chose two experts"
+    assert any(note in a.text for a in F.coactivation(contents, top1, names, labels).layout.annotations)
+    assert not any(note in a.text for a in F.coactivation(contents, sparse, names, labels).layout.annotations)
+
+
+def test_windows_start_at_the_first_optimizer_step_under_accumulation():
+    from types import SimpleNamespace
+
+    from moelora.dashboard.callback import RoutingDashboard
+    from moelora.lightning import RoutingLogger
+
+    cb, flushed = RoutingDashboard(every_n_steps=1), []
+    cb._flush = lambda trainer, stage: flushed.append(trainer.global_step)
+    cb._sample = lambda *a: None
+    for step in (0, 1, 1, 2, 2):  # accumulate_grad_batches=2: the first batch ends before any step
+        cb.on_train_batch_end(SimpleNamespace(global_step=step, log_every_n_steps=1), None, None, None, 0)
+    assert flushed == [1, 2]
+    # RoutingLogger returns before it reads the model (None here) at step 0
+    RoutingLogger(every_n_steps=1).on_train_batch_end(SimpleNamespace(global_step=0, log_every_n_steps=1),
+                                                       None, None, None, 0)

@@ -122,6 +122,12 @@ def coactivation_conditional(s: LayerStats) -> list[list[float | None]]:
     return out
 
 
+def shares_tokens(s: LayerStats) -> bool:
+    """Whether any token chose two different experts of this layer (off-diagonal co-activation)."""
+    c = s.coactivation
+    return bool((c.sum() - c.diagonal().sum()) > 0)
+
+
 def summary_series(points: list[tuple[int, dict[str, LayerStats]]], names: list[str],
                    metric: str) -> dict[str, list[float | None]]:
     """Per layer, ``metric`` of each bucket (gaps where the layer routed nothing)."""
@@ -135,9 +141,3 @@ def has_drops(stats: dict[str, LayerStats]) -> bool:
 
 def has_tasks(stats: dict[str, LayerStats]) -> bool:
     return any(s.task_counts is not None and float(s.task_counts.sum()) > 0 for s in stats.values())
-
-
-def slots_per_token(stats: dict[str, LayerStats]) -> float:
-    """Routed slots per token (kept + dropped), the largest over layers: 1 for top-1 routing."""
-    return max((float(s.counts.sum() + s.dropped.sum()) / s.tokens for s in stats.values() if s.tokens),
-               default=0.0)

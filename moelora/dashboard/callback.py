@@ -165,8 +165,9 @@ class RoutingDashboard(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.every_n_steps or trainer.log_every_n_steps
         step = trainer.global_step
-        # Under gradient accumulation several batches end on the same step: record it once.
-        if step % every != 0 or step == self._last_step:
+        # Under gradient accumulation several batches end on the same step (and the first ones on
+        # step 0, before any optimizer step): record each optimizer step's window once.
+        if step == 0 or step % every != 0 or step == self._last_step:
             return
         self._last_step = step
         self._flush(trainer, "train")

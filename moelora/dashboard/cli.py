@@ -24,7 +24,7 @@ def report_main(argv: list[str] | None = None) -> int:
     try:
         store = find_store(args.log_dir)
         path = build_report(store, args.output)
-    except FileNotFoundError as err:
+    except OSError as err:  # missing paths, and any I/O error writing the report
         print(f"moelora report: {err}", file=sys.stderr)
         return 1
     print(f"routing store:   {store}")

@@ -118,14 +118,17 @@ def _load_matrix(contents, layers: dict[str, LayerStats], names, labels, width):
         s = layers.get(n)
         if s is None:
             z.append([None] * width)
-            custom.append([["", 0, 0.0, 0.0]] * width)
+            custom.append([["", 0, 0.0, ""]] * width)
             continue
-        util, load, probs = A.utilisation(s), s.load.tolist(), s.mean_probs.tolist()
+        util, load = A.utilisation(s), s.load.tolist()
+        # Methods without router probabilities (FlyLoRA's rank-wise top-k) record none: say so, not 0.
+        probs = ([f"{p:.3f}" for p in s.mean_probs.tolist()] if float(s.prob_sum.sum()) > 0
+                 else ["n/a"] * s.num_experts)
         experts = A.expert_labels(contents, n, s.num_experts)
         pad = width - s.num_experts
         z.append(util + [None] * pad)
         custom.append([[experts[e], int(s.counts[e]), load[e], probs[e]] for e in range(s.num_experts)]
-                      + [["(none)", 0, 0.0, 0.0]] * pad)
+                      + [["(none)", 0, 0.0, ""]] * pad)
     return z, custom
 
 
@@ -138,7 +141,7 @@ def load(contents: StoreContents, points, totals: dict[str, LayerStats], names, 
     z, custom = _load_matrix(contents, totals, names, labels, width)
     zmax = max(2.0, max((v for r in z for v in r if v is not None), default=2.0))
     hover = ("layer %{y}<br>expert %{customdata[0]}<br>load %{z:.2f}× fair share<br>slots %{customdata[1]} "
-             "(%{customdata[2]:.1%})<br>mean router prob %{customdata[3]:.3f}<extra></extra>")
+             "(%{customdata[2]:.1%})<br>mean router prob %{customdata[3]}<extra></extra>")
     fig = go.Figure(go.Heatmap(z=z, x=xlabels, y=ylabels, customdata=custom, hovertemplate=hover,
                                colorscale="RdBu_r", zmin=0, zmax=zmax, zmid=1,
                                colorbar={"title": {"text": "× fair"}}, xgap=1, ygap=1))
@@ -166,14 +169,18 @@ def load_over_time(contents: StoreContents, points, names, labels) -> go.Figure:
         return [[c[i] for c in cols] for i in range(e)], A.expert_labels(contents, n, e)
 
     first_z, first_y = matrix(names[0]) if names else ([], [])
-    fig = go.Figure(go.Heatmap(z=first_z, x=steps, y=first_y, colorscale="RdBu_r", zmin=0, zmax=2, zmid=1,
+    # The same colour range as the load view: up to the largest load of any layer, at least 2× fair.
+    zmax = max(2.0, _top([matrix(n)[0] for n in names]) or 0.0)
+    fig = go.Figure(go.Heatmap(z=first_z, x=steps, y=first_y, colorscale="RdBu_r", zmin=0, zmax=zmax, zmid=1,
                                colorbar={"title": {"text": "× fair"}}, xgap=1, ygap=1,
                                hovertemplate="step %{x}<br>expert %{y}<br>load %{z:.2f}× fair share<extra></extra>"))
     buttons = []
     for n in names:
         z, y = matrix(n)
         buttons.append({"label": labels[n], "method": "restyle", "args": [{"z": [z], "y": [y]}, [0]]})
-    fig.update_layout(template=TEMPLATE, height=430, margin={"t": 70, "b": 50, "l": 90, "r": 20},
+    experts = max((layers[n].num_experts for _, layers in points for n in names if n in layers), default=1)
+    fig.update_layout(template=TEMPLATE, height=max(430, 150 + 14 * experts),  # a readable row per expert
+                      margin={"t": 70, "b": 50, "l": 90, "r": 20},
                       xaxis={"title": "window ending at step", "type": "category"},
                       yaxis={"title": "expert", "type": "category", "autorange": "reversed"},
                       updatemenus=_dropdown(buttons, y=1.2))
@@ -220,7 +227,7 @@ def coactivation(contents: StoreContents, totals: dict[str, LayerStats], names, 
     z, c, x = view(present[0])
     zmax = _top([view(n)[0] for n in present])
     fig = go.Figure(go.Heatmap(z=z, x=x, y=x, customdata=c, colorscale="Viridis", zmin=0, zmax=zmax,
-                               colorbar={"title": {"text": "P(j | i)"}}, xgap=1, ygap=1,
+                               colorbar={"title": {"text": "P(j | i)"}}, xgap=1, ygap=1, hoverongaps=False,
                                hovertemplate="chosen %{y}: also %{x} in %{z:.1%} of its tokens<br>"
                                "(%{customdata} tokens chose both)<extra></extra>"))
     buttons = []
@@ -228,12 +235,14 @@ def coactivation(contents: StoreContents, totals: dict[str, LayerStats], names, 
         z, c, x = view(n)
         buttons.append({"label": labels[n], "method": "restyle",
                         "args": [{"z": [z], "customdata": [c], "x": [x], "y": [x]}, [0]]})
-    fig.update_layout(template=TEMPLATE, height=520, margin={"t": 70, "b": 50, "l": 90, "r": 20},
+    experts = max(totals[n].num_experts for n in present)
+    fig.update_layout(template=TEMPLATE, height=max(520, 170 + 14 * experts),  # a readable row per expert
+                      margin={"t": 70, "b": 50, "l": 90, "r": 20},
                       xaxis={"title": "also chosen (j)", "type": "category"},
                       yaxis={"title": "expert chosen (i)", "type": "category", "autorange": "reversed"},
                       updatemenus=_dropdown(buttons, y=1.16))
-    if A.slots_per_token(totals) <= 1.0:
-        fig.add_annotation(text="top-1 routing: a token never has two experts", xref="paper", yref="paper",
+    if not any(A.shares_tokens(totals[n]) for n in present):
+        fig.add_annotation(text="no token chose two experts in any layer", xref="paper", yref="paper",
                            x=0.5, y=0.5, showarrow=False, font={"size": 14})
     return fig
 

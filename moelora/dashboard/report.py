@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,11 @@ def token_view_data(contents: StoreContents, names: list[str], labels: dict[str,
 
 
 def _json_script(element_id: str, data: Any) -> str:
-    # "</" would end the script element early (a token could be "</script>"): escape it.
-    body = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    # Inside <script>, "</script" ends the element and "<!--<script" switches the parser into a
+    # state where it does not (the rest of the page then vanishes into the data block): escape
+    # every "<", ">" and "&" as a JSON \u escape, which JSON.parse reads back unchanged.
+    body = (json.dumps(data, separators=(",", ":"))
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
     return f'<script type="application/json" id="{element_id}">{body}</script>'
 
 
@@ -163,7 +167,8 @@ def _short(v: Any) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _header(contents: StoreContents, title: str, totals, stage, names, config_yaml: str | None) -> str:
+def _header(contents: StoreContents, title: str, totals, stage, names, config_yaml: str | None,
+            num_windows: int = 0) -> str:
     cfg = contents.meta.get("config") or {}
     method = cfg.get("method") or {}
     sizes = sorted({s.num_experts for s in totals.values()})
@@ -172,11 +177,11 @@ def _header(contents: StoreContents, title: str, totals, stage, names, config_ya
         "method": method.get("method", "?"),
         "wrapped layers": len(names),
         "experts per layer": "–".join(map(str, (sizes[0], sizes[-1]))) if len(sizes) > 1 else (sizes[0] if sizes else "?"),
-        "top-k": method.get("top_k", "?"),
+        "top-k": method.get("top_k") if method.get("top_k") is not None else "–",  # MoA: per-token weights
         "backbone": (cfg.get("model") or {}).get("backbone", "?"),
         "last step": max(steps) if steps else 0,
         f"{stage or '-'} tokens routed": f"{sum(s.tokens for s in totals.values()) // max(len(totals), 1):,}",
-        "windows recorded": len(contents.windows),
+        f"{stage or '-'} windows": num_windows,
     }
     fact_html = "".join(f'<div class="fact">{html.escape(k)}<b>{html.escape(str(v))}</b></div>' for k, v in facts.items())
     tables = "".join(_table(k, v) for k, v in cfg.items() if isinstance(v, dict) and v)
@@ -231,7 +236,11 @@ def render_html(contents: StoreContents, *, title: str = "moelora routing report
     def plot(fig, div_id):
         return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=plot_cfg)
 
-    parts = [_header(contents, title, totals, stage, names, config_yaml)]
+    parts = [_header(contents, title, totals, stage, names, config_yaml, len(windows))]
+    silent = [labels.get(n, n) for n in A.layer_names(contents) if totals and n not in totals]
+    if silent:
+        contents.problems.append(f"{len(silent)} wrapped layer(s) recorded no routing in the {stage} windows and "
+                                 f"are left out of the views: {silent[:10]}")
     if contents.problems:
         items = "".join(f"<li>{html.escape(p)}</li>" for p in contents.problems[:20])
         parts.append(f'<div class="warn">Some records were skipped:<ul>{items}</ul></div>')
@@ -239,10 +248,13 @@ def render_html(contents: StoreContents, *, title: str = "moelora routing report
            ("tasks", "per task"), ("coactivation", "co-activation"), ("tokens", "tokens")]
     if contents.gates:
         nav.append(("gates", "adapter weights"))
-    parts.append("<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in nav) + "</nav>")
-    if not totals:
-        parts.append('<div class="warn">The store holds no routing windows yet: nothing routed was recorded.</div>')
+    if not totals:  # no sections, so no navigation to them
+        sanity = sum(1 for w in contents.windows if w.stage == "sanity")
+        what = (f"only {sanity} sanity-check window(s), which the views leave out" if sanity
+                else "nothing routed was recorded")
+        parts.append(f'<div class="warn">The store holds no training or evaluation routing windows yet: {what}.</div>')
     else:
+        parts.append("<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in nav) + "</nav>")
         parts.append(_section("summary", "Balance per layer over training",
                               f"Per {stage} window: normalised entropy of the expert load (1 = every expert equally "
                               "used, 0 = one expert takes everything), the largest expert's share of slots, and the "
@@ -306,9 +318,22 @@ def build_report(log_dir: str | os.PathLike, output: str | os.PathLike | None = 
     config = run_dir / "config.yaml"
     config_yaml = config.read_text() if config.is_file() else None
     out = Path(output) if output else run_dir / REPORT_NAME
+    if out.is_dir():  # "-o some_dir": the report goes inside it
+        out = out / REPORT_NAME
     page = render_html(contents, title=f"moelora routing report · {run_dir.name}", config_yaml=config_yaml)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)  # a reader never sees half a report
+    # A temp file of its own (two report builds of one run may race) renamed over the report, so
+    # a reader never sees half a page; mkstemp's 0600 widened to a new file's usual mode.
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return out

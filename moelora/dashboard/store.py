@@ -220,6 +220,9 @@ def read_store(path: str | os.PathLike) -> StoreContents:
             meta = json.loads((root / META).read_text())
         except json.JSONDecodeError:
             problems.append(f"{META} is not valid JSON; run description missing")
+        if not isinstance(meta, dict):
+            problems.append(f"{META} holds a JSON {type(meta).__name__}, not an object; run description missing")
+            meta = {}
     if meta and (meta.get("format") != FORMAT or meta.get("version", 0) > VERSION):
         problems.append(f"{META}: format {meta.get('format')!r} version {meta.get('version')} is not "
                         f"{FORMAT!r} <= {VERSION}; reading anyway")

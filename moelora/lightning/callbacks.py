@@ -48,12 +48,16 @@ class RoutingLogger(L.Callback):
     def __init__(self, every_n_steps: int | None = None, per_layer: bool = True) -> None:
         self.every_n_steps, self.per_layer = every_n_steps, per_layer
         self._last: dict[str, LayerStats] = {}
+        self._last_step: int | None = None
         self.stats_path: Path | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.every_n_steps or trainer.log_every_n_steps
-        if (trainer.global_step % every) != 0:
+        step = trainer.global_step
+        # Step 0 = no optimizer step yet (accumulating); several batches end on one step then too.
+        if step == 0 or step % every != 0 or step == self._last_step:
             return
+        self._last_step = step
         totals = moelora.routing_stats(pl_module.model, sync=True).layers  # collective: every rank
         names = short_names(sorted(totals))
         values: dict[str, float] = {}
