@@ -52,12 +52,17 @@ def merge_into_base(model: nn.Module) -> nn.Module:
     state = get_state(model)
     config = state.config
     refuse_static(config, "merge it into the base weights")
-    if type(config) is not MoELoRAConfig or config.num_experts != 1:
+    if type(config) is not MoELoRAConfig:
         raise ValueError(
-            f"cannot merge a {type(config).__name__} adapter with num_experts={config.num_experts} into the base "
-            "weights: its routing depends on the input, so no fixed weight equals it. Only a plain "
-            "MoELoRAConfig with num_experts=1 (ordinary LoRA) folds exactly; keep this one as an adapter. "
-            "The model was not changed.")
+            f"cannot merge a {type(config).__name__} adapter into the base weights: merge_into_base folds only a "
+            "plain MoELoRAConfig adapter with num_experts=1 (ordinary LoRA). Where an expert is a fixed LoRA "
+            "(WeightLoRA heads, a MeteoRA expert), export it with moelora.export_lora_adapters and merge it "
+            "with PEFT's merge_and_unload. The model was not changed.")
+    if config.num_experts != 1:
+        raise ValueError(
+            f"cannot merge a MoELoRAConfig adapter with num_experts={config.num_experts} into the base weights: "
+            "its routing depends on the input, so no fixed weight equals it. Only num_experts=1 (ordinary "
+            "LoRA) folds exactly; keep this one as an adapter. The model was not changed.")
     layers = wrapped_layers(model)
     for layer in layers:  # check everything before changing anything
         weight = getattr(layer.base_layer, "weight", None)

@@ -4,6 +4,7 @@ Oracles: real PEFT LoRA (ω = 1, no pruning); the same model with the dropped he
 (disconnection); the model just before expansion (WeightLoRA+); a fresh load of the saved adapter.
 """
 
+import contextlib
 import copy
 import gc
 import weakref
@@ -158,6 +159,36 @@ def test_param_groups_give_omega_its_own_lr_and_no_decay():
     assert groups["omega"]["lr"] == 0.1 and groups["omega"]["weight_decay"] == 0.0
     assert len(groups["omega"]["params"]) == 6 and groups["experts"]["weight_decay"] == 0.01
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == moelora.trainable_parameters(model)[0]
+    frozen = {g["name"]: g for g in weightlora.param_groups(model, omega_lr=0.0)}
+    assert frozen["omega"]["lr"] == 0.0, "lr 0 freezes ω; it is not 'no lr given'"
+
+
+def test_controller_warns_when_it_disconnects_without_the_optimizer(token_ids):
+    model = gated(keep=2, warmup_steps=2, threshold_start=1)
+    opt = torch.optim.AdamW(weightlora.param_groups(model), lr=0.01)
+    ctl = weightlora.WeightLoRAController(model)
+    train_step(model, opt, token_ids)
+    ctl.step(opt)
+    train_step(model, opt, token_ids)
+    with pytest.warns(UserWarning, match=r"got no optimizer.*controller.step\(optimizer\)"):
+        assert ctl.step() == "disconnect"
+
+
+@pytest.mark.parametrize("kw,event", [(dict(plus=True), "expand"),
+                                      (dict(over="experts", num_experts=4, top_k=2, plus=False), "disconnect")])
+def test_resizing_with_a_factored_optimizer_restarts_its_state(token_ids, kw, event):
+    # Adafactor keeps [R, 1] / [1, d] statistics: carried over unchanged to a resized A or B they
+    # broke the next step (a size mismatch), and zero-padded they would divide by zero.
+    model = gated(keep=2, warmup_steps=3, threshold_start=2, **kw)
+    opt = torch.optim.Adafactor(weightlora.param_groups(model), lr=1e-2)
+    ctl = weightlora.WeightLoRAController(model)
+    events = []
+    for _ in range(5):
+        train_step(model, opt, token_ids)
+        with pytest.warns(UserWarning, match="starts afresh") if len(events) == 2 else _no_warning():
+            events.append(ctl.step(opt))
+    assert events == [None, "threshold", event, None, None]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------ disconnection
@@ -332,3 +363,14 @@ def test_export_folds_omega_itself_from_the_model_and_from_a_saved_adapter(tmp_p
     for path in exported:
         reference = peft.PeftModel.from_pretrained(tiny_llama(), str(path)).eval()
         torch.testing.assert_close(eval_logits(reference, token_ids), want, atol=1e-5, rtol=0)
+
+
+def _no_warning():
+    return contextlib.nullcontext()
+
+
+def test_merge_into_base_points_weightlora_to_export():
+    # The heads are fixed LoRAs, not input-dependent routing: the refusal must say what to do.
+    with pytest.raises(ValueError, match="export_lora_adapters") as err:
+        moelora.merge_into_base(gated())
+    assert "routing depends on the input" not in str(err.value)

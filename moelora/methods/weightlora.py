@@ -25,6 +25,8 @@ trained MoE-LoRA or a MeteoRA fusion, to keep only its necessary experts), :func
 
 from __future__ import annotations
 
+import warnings
+
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -340,7 +342,7 @@ def param_groups(model: nn.Module, *, omega_lr: float | None = None, weight_deca
         (omega if name.endswith(".router.omega") else routers if ".router." in name else rest).append(p)
     groups = [{"params": rest, "name": "experts", "weight_decay": weight_decay},
               {"params": routers, "name": "routers", "weight_decay": 0.0},
-              {"params": omega, "name": "omega", "weight_decay": 0.0, **({"lr": omega_lr} if omega_lr else {})}]
+              {"params": omega, "name": "omega", "weight_decay": 0.0, **({"lr": omega_lr} if omega_lr is not None else {})}]
     return [g for g in groups if g["params"]]
 
 
@@ -404,6 +406,10 @@ class WeightLoRAController:
             hard_threshold(self.model)
             record_gates(self.model)
             return "threshold"
+        if optimizer is None or (isinstance(optimizer, (list, tuple)) and not optimizer):
+            warnings.warn("WeightLoRAController.step() disconnects heads now but got no optimizer: the optimizer "
+                          "you train with still holds the removed parameters and not the replacements, so the kept "
+                          "heads stop training. Pass it: controller.step(optimizer).", UserWarning, stacklevel=2)
         disconnect(self.model, optimizer)
         if config.plus:
             expand_ranks(self.model, optimizer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -108,9 +109,18 @@ def replace_param(optimizers: Iterable[torch.optim.Optimizer], old: Tensor, new:
                 del group["params"][at]
                 continue
             group["params"][at] = new
-            if state:
-                opt.state[new] = {k: (rows(v) if rows is not None and isinstance(v, Tensor) and v.dim() > 0
-                                      and v.shape == old.shape else v) for k, v in state.items()}
+            if not state:
+                continue
+            if new.shape != old.shape and any(isinstance(v, Tensor) and v.dim() > 0 and v.shape != old.shape
+                                              for v in state.values()):
+                # Factored statistics (Adafactor's row_var / col_var) cannot be carried to a resized
+                # parameter; zero rows there would divide by zero. Start its state afresh.
+                warnings.warn(f"{type(opt).__name__}: the optimizer state of a resized adapter tensor "
+                              f"{tuple(old.shape)} -> {tuple(new.shape)} holds statistics of other shapes, "
+                              "which cannot be remapped; it starts afresh.", UserWarning, stacklevel=4)
+                continue
+            opt.state[new] = {k: (rows(v) if rows is not None and isinstance(v, Tensor) and v.dim() > 0
+                                  and v.shape == old.shape else v) for k, v in state.items()}
 
 
 def remove_params(optimizers: Iterable[torch.optim.Optimizer], params: Iterable[Tensor]) -> None:
