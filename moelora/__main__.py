@@ -4,4 +4,5 @@ import sys
 
 from .cli import main
 
+sys.argv[0] = "moelora"  # usage lines say `moelora`, not `__main__.py`
 sys.exit(main())

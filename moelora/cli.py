@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 # Sub-commands outside LightningCLI: name -> "module:function" taking argv and returning an exit code.
 EXTRA_COMMANDS = {
@@ -95,6 +96,35 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
                       save_config_kwargs={"overwrite": True}, trainer_defaults=trainer_defaults)
 
 
+def shipped_config(name: str) -> str | None:
+    """Path of the shipped config ``name`` (``demo``, ``demo.yaml`` or ``configs/demo.yaml``), or None."""
+    from importlib import resources
+
+    stem = Path(name).name
+    candidate = resources.files("moelora.configs") / (stem if stem.endswith((".yaml", ".yml")) else f"{stem}.yaml")
+    return str(candidate) if candidate.is_file() else None
+
+
+def _resolve_configs(argv: list[str]) -> list[str]:
+    """``-c X`` where ``X`` is no file here but names a shipped config (``configs/demo.yaml`` run
+    outside a checkout, or just ``demo``): use the installed copy and say so."""
+    out, i = list(argv), 0
+    while i < len(out):
+        flag, value, joined = out[i], None, False
+        if flag in ("-c", "--config") and i + 1 < len(out):
+            value = out[i + 1]
+        elif flag.startswith("--config="):
+            value, joined = flag.split("=", 1)[1], True
+        if value is not None and not Path(value).exists() and (found := shipped_config(value)):
+            print(f"moelora: {value} is not a file here; using the shipped config {found}", file=sys.stderr)
+            if joined:
+                out[i] = f"--config={found}"
+            else:
+                out[i + 1] = found
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -102,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run_extra(argv[0], argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print("extra commands: " + ", ".join(EXTRA_COMMANDS) + " (moelora <command> --help)\n")
-    # None lets LightningCLI read sys.argv itself; passing the same list warns on every run.
-    build_cli(None if from_command_line else argv)
+    argv = _resolve_configs(argv)
+    if from_command_line:
+        # LightningCLI reads sys.argv itself: passing a list that differs from it warns on every run.
+        sys.argv[1:] = argv
+        build_cli(None)
+    else:
+        build_cli(argv)
     return 0
 
 

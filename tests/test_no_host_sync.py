@@ -10,10 +10,10 @@ import torch
 
 from moelora.balance import LoadTracker
 from moelora.kernels import build_routing_plan
-from routers.flylora import FlyLoRARouter
-from routers.meteora import MeteoRARouter
-from routers.sira import SiRARouter
-from routers.topk import TopKRouter
+from moelora.routers.flylora import FlyLoRARouter
+from moelora.routers.meteora import MeteoRARouter
+from moelora.routers.sira import SiRARouter
+from moelora.routers.topk import TopKRouter
 
 META = torch.device("meta")
 T, D, E = 12, 8, 4

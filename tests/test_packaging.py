@@ -58,3 +58,27 @@ def test_demo_runs(capsys):
     demo.main(["--steps", "2", "--batch-size", "4"])
     out = capsys.readouterr().out
     assert "held-out accuracy" in out and "round trip: max |logit difference| = 0.00e+00" in out
+
+
+def test_every_shipped_config_is_package_data_and_found_by_name(tmp_path, monkeypatch, capsys):
+    # Installed from a wheel there is no configs/ directory beside the user: `-c configs/demo.yaml`
+    # and `-c demo` must still find the shipped copy.
+    import tomllib
+    from importlib import resources
+
+    from moelora.cli import _resolve_configs, shipped_config
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "moelora.configs" in meta["packages"] and meta["package-data"]["moelora.configs"] == ["*.yaml"]
+    shipped = {p.name for p in resources.files("moelora.configs").iterdir() if p.name.endswith(".yaml")}
+    assert shipped == {p.name for p in (ROOT / "configs").glob("*.yaml")}
+    monkeypatch.chdir(tmp_path)
+    assert shipped_config("configs/sira.yaml") == shipped_config("sira") == shipped_config("sira.yaml")
+    assert shipped_config("nope") is None
+    argv = _resolve_configs(["fit", "-c", "configs/demo.yaml", "--config=flylora", "-c", "missing.yaml"])
+    assert argv[2] == shipped_config("demo") and argv[3] == f"--config={shipped_config('flylora')}"
+    assert argv[5] == "missing.yaml", "an unknown name is left for the CLI's own error"
+    assert "using the shipped config" in capsys.readouterr().err
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("seed_everything: 1\n")
+    assert _resolve_configs(["fit", "-c", "configs/demo.yaml"])[2] == "configs/demo.yaml", "a local file wins"

@@ -1,0 +1,1 @@
+"""The shipped run configs (YAML data): ``moelora fit -c demo.yaml`` finds them when installed."""
