@@ -262,3 +262,25 @@ def test_gated_lora_takes_the_triton_grouped_path_above_threshold(monkeypatch):
     assert calls == ["triton"]
     for name, a, b in zip(("y", "dx", "dA", "dBt", "dw"), grouped, dense):
         assert rel(a, b) < 1e-5, name
+
+
+def test_second_order_gradients_equal_the_torch_backend():
+    # create_graph=True re-runs the torch twin's forward on the saved inputs for every backend.
+    g = torch.Generator().manual_seed(0)
+    T, d, E, k, r = 7, 12, 3, 2, 2
+    x, A, Bt = torch.randn(T, d, generator=g), torch.randn(E * r, d, generator=g), torch.randn(E * r, 5, generator=g)
+    ids, w = torch.randint(0, E, (T, k), generator=g), torch.rand(T, k, generator=g)
+    ce, cs = torch.arange(E).repeat_interleave(r), torch.ones(E * r)
+    x, A, Bt, w, ids, ce, cs = _dev(x, A, Bt, w, ids, ce, cs)
+    out = {}
+    for be in ("torch", "triton"):
+        leaves = [t.detach().requires_grad_() for t in (x, A, Bt, w)]
+        ops = {"gated": lambda x, A, Bt, w: K.gated_lora(x, A, Bt, ids, w, ce, cs, num_experts=E, backend=be),
+               "grouped": lambda x, A, Bt, w: K.grouped_lora(x, A, Bt, ids, w, [r] * E, cs[:E], backend=be),
+               "rankwise": lambda x, A, Bt, w: K.rankwise_lora(x, A, Bt, 3, backend=be)[0] + 0 * w.sum()}
+        for name, op in ops.items():
+            first = torch.autograd.grad(op(*leaves).square().sum(), leaves, create_graph=True)
+            out[be, name] = torch.autograd.grad(sum(t.sum() for t in first), leaves)
+    for name in ("gated", "grouped", "rankwise"):
+        for got, want in zip(out["triton", name], out["torch", name]):
+            assert rel(got, want) < 1e-5, name
