@@ -50,6 +50,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.backbone", "data.tokenizer")
             parser.link_arguments("model.task", "data.task")
+            parser.link_arguments("model.num_labels", "data.num_labels")  # the label range check
             parser.add_lightning_class_args(RoutingLogger, "routing")
             parser.add_lightning_class_args(RoutingPredictionWriter, "prediction_writer")
             parser.add_lightning_class_args(RoutingDashboard, "dashboard")  # routing store + HTML report

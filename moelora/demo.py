@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.steps < 0 or args.batch_size < 1:
+        parser.error(f"--steps must be >= 0 and --batch-size >= 1 (got {args.steps}, {args.batch_size})")
 
     torch.manual_seed(args.seed)
     from transformers.utils import logging as hf_logging
@@ -81,12 +83,14 @@ def main(argv: list[str] | None = None) -> None:
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step:3d}  loss {out.loss.item():.4f}  aux {aux.item():.4f}")
 
+    # Read before the evaluation forwards, which the tracker would add to the training counts.
+    routing = [(name, " ".join(f"{v:.2f}" for v in stats.load.tolist()), stats.entropy, stats.max_share)
+               for name, stats in moelora.routing_stats(model).layers.items()]
     accuracy, logits = evaluate(model, tokenizer, test_x, test_y)
     print(f"held-out accuracy: {accuracy:.3f}")
-    print("routing (training tokens, padding excluded):")
-    for name, stats in moelora.routing_stats(model).layers.items():
-        load = " ".join(f"{v:.2f}" for v in stats.load.tolist())
-        print(f"  {name:45s} load [{load}]  entropy {stats.entropy:.3f}  max share {stats.max_share:.2f}")
+    print("routing (training tokens, padding excluded):" if routing else "routing: no training step ran")
+    for name, load, entropy, max_share in routing:
+        print(f"  {name:45s} load [{load}]  entropy {entropy:.3f}  max share {max_share:.2f}")
 
     with tempfile.TemporaryDirectory() as tmp:
         moelora.save_adapter(model, tmp)

@@ -238,3 +238,32 @@ def test_load_from_checkpoint_restores_the_adapter_without_listing_the_backbone(
     bad.pop(next(iter(bad)))
     with pytest.raises(RuntimeError, match="missing"):
         loaded.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("rows,kw,match", [
+    ([{"text": "a", "label": 0.5}], {}, r"row 0 of column 'label' is 0.5; labels must be whole numbers"),  # was floored to 0
+    ([{"text": "a", "label": "pos"}], {}, "map class names"),
+    ([{"text": "a", "label": 1}, {"text": "b", "label": None}], {}, "row 1 of column 'label' is None"),
+    ([{"text": "a", "label": 2}], {"num_labels": 2}, r"outside \[0, 2\) for model.num_labels=2"),
+    ([{"text": None, "label": 0}], {}, "row 0 of column 'text' is None, not a string"),
+    ([{"text": "a", "label": 0, "task_id": "x"}], {}, "task ids must be whole numbers"),
+])
+def test_bad_rows_fail_in_setup_naming_column_and_row(tmp_path, rows, kw, match):
+    good = [{"text": f"t{i}", "label": i % 2} | ({"task_id": 0} if "task_id" in rows[0] else {}) for i in range(19)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows + good))
+    data = TextDataModule(dataset=str(tmp_path / "d.jsonl"), batch_size=4, **kw)
+    with pytest.raises(ValueError, match=match):
+        data.setup("fit")
+
+
+def test_setup_checks_split_size_length_and_extension_case(tmp_path):
+    (tmp_path / "one.JSONL").write_text(json.dumps({"text": "a", "label": 0}))
+    with pytest.raises(ValueError, match=r"data.val_fraction=0.1 cannot split data.dataset's 1 rows"):
+        TextDataModule(dataset=str(tmp_path / "one.JSONL")).setup("fit")
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
+    (tmp_path / "d.JSONL").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match="data.max_length=1024 exceeds the tokenizer's model_max_length=512"):
+        TextDataModule(dataset=str(tmp_path / "d.JSONL"), max_length=1024).setup("fit")
+    ok = TextDataModule(dataset=str(tmp_path / "d.JSONL"), num_labels=2)
+    ok.setup("fit")
+    assert len(ok.train_set) + len(ok.val_set) == 20

@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from moelora.data.suite import TASKS, suite_dataset
 
+from .data_checks import check_rows
+
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TASK_KINDS = ("sequence-classification", "causal-lm")
 
@@ -67,10 +69,10 @@ def load_text_dataset(source: str, *, split: str = "train"):
     import datasets
 
     path = Path(source)
-    if path.suffix in FILE_BUILDERS:
+    if path.suffix.lower() in FILE_BUILDERS:
         if not path.is_file():
             raise FileNotFoundError(f"data file {source} not found")
-        return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        return datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
     if path.exists():
         raise ValueError(f"data file {source} has an unsupported extension; use one of {sorted(FILE_BUILDERS)}")
     return datasets.load_dataset(source, split=split)  # a hub name: needs the network
@@ -91,6 +93,9 @@ class TextDataModule(L.LightningDataModule):
             ``model.backbone``.
         task: ``"sequence-classification"`` or ``"causal-lm"`` (the CLI links it to ``model.task``).
         text_column / label_column / task_column: column names; ``task_column`` may be absent.
+            Labels must be whole numbers in ``[0, num_labels)``, task ids whole numbers
+            (negative = none); every row is checked in ``setup``.
+        num_labels: classes, for the label range check (the CLI links it to ``model.num_labels``).
         suite_tasks: which suite tasks to generate.
         suite_train_per_task / suite_val_per_task: suite examples per task and split.
         batch_size: examples per batch.
@@ -104,7 +109,8 @@ class TextDataModule(L.LightningDataModule):
                  task: str = "sequence-classification", text_column: str = "text", label_column: str = "label",
                  task_column: str | None = "task_id", suite_tasks: list[str] | None = None,
                  suite_train_per_task: int = 400, suite_val_per_task: int = 50, batch_size: int = 32,
-                 max_length: int = 64, val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0) -> None:
+                 max_length: int = 64, val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0,
+                 num_labels: int | None = None) -> None:
         super().__init__()
         if task not in TASK_KINDS:
             raise ValueError(f"data.task={task!r} is invalid: expected one of {TASK_KINDS}")
@@ -141,21 +147,35 @@ class TextDataModule(L.LightningDataModule):
             self.test_set = suite_dataset(h.suite_val_per_task, seed=h.seed + 2, tasks=self.suite_tasks)
         else:
             data = load_text_dataset(h.dataset)
+            self._check("dataset", data)  # before the split: its errors would name the wrong cause
             if h.validation:
                 self.train_set, self.val_set = data, load_text_dataset(h.validation, split="validation")
             else:
-                split = data.train_test_split(test_size=h.val_fraction, seed=h.seed)
+                try:
+                    split = data.train_test_split(test_size=h.val_fraction, seed=h.seed)
+                except ValueError as err:
+                    raise ValueError(f"data.val_fraction={h.val_fraction} cannot split data.dataset's {len(data)} "
+                                     f"rows ({err}). Give data.validation a file, or more rows.") from err
                 self.train_set, self.val_set = split["train"], split["test"]
             if h.test:
                 self.test_set = load_text_dataset(h.test, split="test")
-        for name, ds in (("dataset", self.train_set), ("validation", self.val_set), ("test", self.test_set)):
-            if ds is None:
-                continue
-            needed = [h.text_column] + ([h.label_column] if h.task == "sequence-classification" else [])
-            missing = [c for c in needed if c not in ds.column_names]
-            if missing:
-                raise ValueError(f"data.{name} lacks column(s) {missing}; it has {ds.column_names}. "
-                                 "Set data.text_column / data.label_column.")
+        for name, ds in (("validation", self.val_set), ("test", self.test_set)):
+            if ds is not None and h.dataset != "suite":
+                self._check(name, ds)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and limit < 1_000_000 and h.max_length > limit:
+            raise ValueError(f"data.max_length={h.max_length} exceeds the tokenizer's model_max_length={limit} "
+                             "(the backbone's positions); set data.max_length <= that.")
+
+    def _check(self, name: str, ds) -> None:
+        h = self.hparams
+        needed = [h.text_column] + ([h.label_column] if h.task == "sequence-classification" else [])
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"data.{name} lacks column(s) {missing}; it has {ds.column_names}. "
+                             "Set data.text_column / data.label_column.")
+        check_rows(name, ds, text_column=h.text_column, num_labels=h.num_labels, task_column=h.task_column,
+                   label_column=h.label_column if h.task == "sequence-classification" else None)
 
     @property
     def num_tasks(self) -> int:
