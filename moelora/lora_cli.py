@@ -46,6 +46,17 @@ def _number(text: str, name: str) -> float:
         raise ValueError(f"collapse weight for {name!r} is {text!r}, not a number.") from None
 
 
+def _expert_ref(text: str, adapter: str) -> str | int:
+    """An ``--experts`` entry: the expert's name when one is called that (names may be digits),
+    else an index when it is a number, else the name (unknown names are reported later)."""
+    if not text.isdigit():
+        return text
+    from .io import read_adapter_meta
+
+    names = [e.get("name") for e in read_adapter_meta(adapter)["config"].get("experts") or []]
+    return text if text in names else int(text)
+
+
 def _import_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moelora import-lora", description=(
         "Fuse PEFT LoRA adapter directories into one MeteoRA moelora adapter: every adapter becomes a "
@@ -65,7 +76,9 @@ def _import_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="accept adapter_model.bin (read with torch.load(weights_only=True))")
     p.add_argument("--on-base-mismatch", choices=("warn", "raise", "ignore"))
-    p.add_argument("--target-modules", nargs="+", help="restrict fusion to these modules (PEFT rules)")
+    p.add_argument("--target-modules", nargs="+",
+                   help="restrict fusion to these modules (PEFT rules: names or suffixes; one value "
+                        "'all-linear' or one regex such as '.*q_proj' is taken as that string)")
     p.add_argument("--adapter-heads", choices=("refuse", "drop"),
                    help="adapters with modules_to_save copies (a SEQ_CLS head): refuse (default) or drop them")
     p.add_argument("--seed", type=int, help="seed for the gate initialisation")
@@ -94,6 +107,13 @@ def _load_base(base: str, kind: str, adapter_configs: list[dict[str, Any]], num_
     return cls.from_pretrained(base, **kwargs)
 
 
+def _targets(values: list[str] | None) -> list[str] | str | None:
+    """A single ``all-linear`` or regex value is that string (PEFT's string form), else the list."""
+    if values and len(values) == 1 and (values[0] == "all-linear" or any(c in values[0] for c in "*?[]()|\\^$+")):
+        return values[0]
+    return values
+
+
 def _meteora_config(args: argparse.Namespace):
     from .methods.meteora import MeteoRAConfig
 
@@ -105,7 +125,7 @@ def _meteora_config(args: argparse.Namespace):
         data.pop("method", None)
     flags = {"top_k": args.top_k, "temperature": args.temperature, "gate_loss_coef": args.gate_loss_coef,
              "train_loras": args.train_loras, "allow_pickle": args.allow_pickle,
-             "on_base_mismatch": args.on_base_mismatch, "target_modules": args.target_modules, "seed": args.seed,
+             "on_base_mismatch": args.on_base_mismatch, "target_modules": _targets(args.target_modules), "seed": args.seed,
              "adapter_heads": args.adapter_heads}
     data.update({k: v for k, v in flags.items() if v is not None})
     return MeteoRAConfig.from_dict(data)
@@ -143,7 +163,7 @@ def import_lora_main(argv: list[str] | None = None) -> int:
                                  f"{{{','.join(MODEL_CLASSES[1:])}}}]") from err
             raise
         save_adapter(model, out)
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, RuntimeError) as err:  # RuntimeError: transformers loading the base
         print(f"moelora import-lora: error: {err}", file=sys.stderr)
         return 1
     layers = model._moelora_state.wrapped
@@ -176,7 +196,7 @@ def export_lora_main(argv: list[str] | None = None) -> int:
         collapse = None
         if args.collapse:
             collapse = {k: _number(v, k) for k, v in _pairs(args.collapse, "collapse").items()}
-        experts = None if not args.experts else [int(e) if e.isdigit() else e for e in args.experts]
+        experts = None if not args.experts else [_expert_ref(e, args.adapter) for e in args.experts]
         written = export_saved_adapter(args.adapter, args.output, experts=experts, collapse=collapse,
                                        rank=args.rank, overwrite=args.overwrite)
     except (OSError, ValueError, TypeError) as err:

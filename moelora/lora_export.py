@@ -179,6 +179,10 @@ def _with_omega(scale: Tensor, omega: Tensor | None) -> Tensor:
 def _check_out_dir(directory: Path, overwrite: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} exists and is not a directory; pick another output path.")
+    blocked = [f for f in (CONFIG_FILE, SAFETENSORS_FILE, PROVENANCE_FILE)
+               if (directory / f).exists() and not (directory / f).is_file()]
+    if blocked:  # found now, before any directory of this export is written
+        raise ValueError(f"{directory} holds {blocked} that are not files; remove them or pick another directory.")
     clash = [f for f in (CONFIG_FILE, SAFETENSORS_FILE) if (directory / f).exists()]
     if clash and not overwrite:
         raise FileExistsError(f"{directory} already holds a PEFT adapter ({clash}); pass overwrite=True "

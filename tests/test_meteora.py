@@ -282,7 +282,7 @@ def test_task_ids_survive_checkpoint_recompute_and_are_checked(llama_adapters, t
     with pytest.raises(TypeError, match="integer tensor"):
         moelora.set_task_ids(model, torch.zeros(2, 7))
     moelora.set_task_ids(model, torch.zeros(3, 7, dtype=torch.long))
-    with pytest.raises(ValueError, match="one id per token"):
+    with pytest.raises(ValueError, match="one id per token|would supervise the wrong tokens"):
         model(token_ids)
 
 

@@ -4,6 +4,7 @@ config validation; the ``.bin`` opt-in; the import-lora / export-lora commands."
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import moelora
 from conftest import minilm_path, tiny_llama
 from moelora.lora_cli import export_lora_main, import_lora_main
-from test_meteora import make_adapter, peft_reference
+from test_meteora import llama_adapters, make_adapter, peft_reference  # noqa: F401 (a fixture)
 
 peft = pytest.importorskip("peft")
 
@@ -263,3 +264,51 @@ def test_cli_import_then_export(tmp_path, token_ids, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert export_lora_main([str(fused), "-o", str(tmp_path / "y"), "--collapse", "zz=1"]) == 1
     assert "unknown expert 'zz'" in capsys.readouterr().err
+
+
+def test_cli_names_targets_and_partial_exports(tmp_path, capsys):
+    import json as _json
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    a = make_adapter(base, tmp_path / "a", ["q_proj"], seed=1)
+    b = make_adapter(base, tmp_path / "b", ["v_proj"], seed=2)
+    # Digit names: "--experts 1" is the expert named "1", not index 1 (which is expert "0").
+    assert import_lora_main([f"1={a}", f"0={b}", "-o", str(tmp_path / "f"), "--top-k", "1"]) == 0
+    assert export_lora_main([str(tmp_path / "f"), "-o", str(tmp_path / "e"), "--experts", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["1"]
+    cfg = _json.loads((tmp_path / "e" / "1" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    saved = _json.loads((tmp_path / "f" / "moelora_config.json").read_text())["config"]["adapters"]
+    assert all(Path(p).is_absolute() for p in saved.values()), "a config re-fused from another directory"
+    # One "all-linear" value is PEFT's string form, not a module literally called that.
+    assert import_lora_main([f"a={a}", "-o", str(tmp_path / "g"), "--top-k", "1",
+                             "--target-modules", "all-linear"]) == 0, capsys.readouterr().err
+    # A trailing newline is no valid name ("$" matched before it).
+    assert import_lora_main(["a\n=" + a, "-o", str(tmp_path / "h"), "--top-k", "1"]) == 1
+    # Export with --overwrite checks every target first: nothing is replaced when one is blocked.
+    assert export_lora_main([str(tmp_path / "f"), "-o", str(tmp_path / "e2")]) == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "e2").rglob("*") if p.is_file()}
+    target = tmp_path / "e2" / "1" / "adapter_model.safetensors"
+    target.unlink()
+    target.mkdir()
+    assert export_lora_main([str(tmp_path / "f"), "-o", str(tmp_path / "e2"), "--overwrite"]) == 1
+    assert "not files" in capsys.readouterr().err
+    assert all(p.read_bytes() == data for p, data in before.items() if p.is_file())
+
+
+def test_expert_weights_and_task_ids_refuse_ambiguous_input(llama_adapters, token_ids):
+    from moelora.methods.meteora import resolve_expert_weights
+
+    with pytest.raises(ValueError, match="given twice"):
+        resolve_expert_weights(["a", "b"], {"a": 1.0, 0: 2.0})
+    with pytest.raises(ValueError, match="1-D"):
+        resolve_expert_weights(["a", "b"], torch.tensor(1.0))
+    model = moelora.from_lora_adapters(tiny_llama(), llama_adapters, config=moelora.MeteoRAConfig(top_k=1)).train()
+    with pytest.raises(ValueError, match=r"shape \(2, 7, 1\)"):
+        moelora.set_task_ids(model, torch.zeros(2, 7, 1, dtype=torch.long))
+    moelora.set_task_ids(model, torch.zeros(token_ids.shape[::-1], dtype=torch.long))  # transposed
+    with pytest.raises(ValueError, match="would supervise the wrong tokens"):
+        model(token_ids)

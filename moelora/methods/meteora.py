@@ -39,7 +39,7 @@ from moelora.state import STATE_ATTR, AdapterState, get_state
 from moelora.targeting import ALL_LINEAR, name_matches
 
 BASE_MISMATCH_POLICIES = ("warn", "raise", "ignore")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")  # fullmatch: "$" would let a trailing "\n" through
 
 
 @register_config
@@ -200,7 +200,7 @@ def from_lora_adapters(model: nn.Module, adapters: Mapping[str, Any] | None = No
     _check_unchanged(loaded, config.experts)
     targets = _select_modules(model, loaded, config)
     fused = dataclasses.replace(config, target_modules=targets, num_experts=n,
-                                adapters={a.name: str(adapters[a.name]) for a in loaded},
+                                adapters={a.name: str(Path(adapters[a.name]).expanduser().resolve()) for a in loaded},
                                 experts=[a.provenance() for a in loaded])
     ranks = {m: [a.modules[m].rank if m in a.modules else 0 for a in loaded] for m in targets}
     scales = {m: [a.modules[m].scale if m in a.modules else 0.0 for a in loaded] for m in targets}
@@ -225,7 +225,7 @@ def _check_adapter_names(adapters: Any) -> list[str]:
         raise TypeError("adapters must be a non-empty mapping {expert name: PEFT LoRA directory} (the argument, "
                         f"or MeteoRAConfig.adapters), got {type(adapters).__name__}")
     names = list(adapters)
-    bad = [n for n in names if not isinstance(n, str) or not _NAME_RE.match(n) or n in (".", "..")]
+    bad = [n for n in names if not isinstance(n, str) or not _NAME_RE.fullmatch(n) or n in (".", "..")]
     if bad:
         raise ValueError(f"adapter names {bad} are invalid: use letters, digits and '_', '.', '-' (they "
                          "become export directory names).")
@@ -302,7 +302,13 @@ class _TaskIdConsumer:
     def __call__(self, module, args, kwargs):
         if self.state.task_ids is not None and self.state.task_ids is self.seen:
             self.state.task_ids = None  # set for an earlier forward: never reuse it
-        self.seen = self.state.task_ids
+        self.seen = ids = self.state.task_ids
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if ids is not None and ids.dim() == 2 and isinstance(tokens, Tensor) and tokens.dim() >= 2 \
+                and tuple(ids.shape) != tuple(tokens.shape[:2]):
+            self.state.task_ids = self.seen = None
+            raise ValueError(f"task_ids are {tuple(ids.shape)} but this forward's batch is {tuple(tokens.shape[:2])} "
+                             "[batch, seq]: a transposed or misaligned tensor would supervise the wrong tokens.")
 
 
 _CONSUMERS: "weakref.WeakKeyDictionary[nn.Module, _TaskIdConsumer]" = weakref.WeakKeyDictionary()
@@ -362,6 +368,8 @@ def set_task_ids(model: nn.Module, task_ids: Tensor | None) -> None:
             or task_ids.dtype == torch.bool:
         raise TypeError(f"task_ids must be an integer tensor [batch, seq] (one id per token), got "
                         f"{getattr(task_ids, 'dtype', type(task_ids).__name__)}")
+    if task_ids.dim() not in (1, 2):
+        raise ValueError(f"task_ids must be [batch, seq] like input_ids (or [tokens]), got shape {tuple(task_ids.shape)}")
     ids = task_ids.detach().to(torch.long).clone()  # a fresh object: see _TaskIdConsumer
     gates = meteora_gates(model)
     count = space.num_experts(state.config, gates[0][1].num_experts) if gates else 0
@@ -396,12 +404,19 @@ def resolve_expert_weights(names: list[str], weights: Any) -> Tensor:
     n = len(names)
     if isinstance(weights, str) or (isinstance(weights, int) and not isinstance(weights, bool)):
         weights = {weights: 1.0}
+    if isinstance(weights, Tensor) and weights.dim() != 1:
+        raise ValueError(f"expert weights as a tensor must be 1-D with {n} entries (experts {names}); got shape "
+                         f"{tuple(weights.shape)}.")
     if isinstance(weights, Mapping):
         out = torch.zeros(n, dtype=torch.float64)
+        seen: dict[int, Any] = {}
         for key, w in weights.items():
             index = names.index(key) if isinstance(key, str) and key in names else key
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
                 raise ValueError(f"unknown expert {key!r}; experts are {names} (or indices 0..{n - 1}).")
+            if index in seen:
+                raise ValueError(f"expert {names[index]!r} is given twice ({seen[index]!r} and {key!r}).")
+            seen[index] = key
             out[index] = _weight(w, key)
     elif isinstance(weights, (Sequence, Tensor)) and len(weights) == n:
         out = torch.as_tensor([_weight(w, i) for i, w in enumerate(weights)], dtype=torch.float64)
