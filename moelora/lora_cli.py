@@ -195,7 +195,8 @@ def export_lora_main(argv: list[str] | None = None) -> int:
 
         collapse = None
         if args.collapse:
-            collapse = {k: _number(v, k) for k, v in _pairs(args.collapse, "collapse").items()}
+            # NAME may also be an index, read as --experts reads it (a name made of digits wins).
+            collapse = {_expert_ref(k, args.adapter): _number(v, k) for k, v in _pairs(args.collapse, "collapse").items()}
         experts = None if not args.experts else [_expert_ref(e, args.adapter) for e in args.experts]
         written = export_saved_adapter(args.adapter, args.output, experts=experts, collapse=collapse,
                                        rank=args.rank, overwrite=args.overwrite)

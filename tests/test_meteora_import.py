@@ -283,6 +283,10 @@ def test_cli_names_targets_and_partial_exports(tmp_path, capsys):
     assert cfg["target_modules"] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     saved = _json.loads((tmp_path / "f" / "moelora_config.json").read_text())["config"]["adapters"]
     assert all(Path(p).is_absolute() for p in saved.values()), "a config re-fused from another directory"
+    # --collapse reads NAME like --experts: "0=1" is the expert named "0", an index only otherwise.
+    assert export_lora_main([str(tmp_path / "f"), "-o", str(tmp_path / "c0"), "--collapse", "0=1"]) == 0
+    collapsed = _json.loads((tmp_path / "c0" / "moelora_provenance.json").read_text())["collapse"]
+    assert collapsed == {"1": 0.0, "0": 1.0}
     # One "all-linear" value is PEFT's string form, not a module literally called that.
     assert import_lora_main([f"a={a}", "-o", str(tmp_path / "g"), "--top-k", "1",
                              "--target-modules", "all-linear"]) == 0, capsys.readouterr().err
@@ -312,3 +316,8 @@ def test_expert_weights_and_task_ids_refuse_ambiguous_input(llama_adapters, toke
     moelora.set_task_ids(model, torch.zeros(token_ids.shape[::-1], dtype=torch.long))  # transposed
     with pytest.raises(ValueError, match="would supervise the wrong tokens"):
         model(token_ids)
+
+
+def test_top_k_error_does_not_quote_a_placeholder_expert_count():
+    with pytest.raises(ValueError, match=r"`top_k` = 0 is invalid: expected an integer >= 1 \(at most the number"):
+        moelora.MeteoRAConfig(top_k=0)

@@ -108,7 +108,9 @@ class MeteoRAConfig(MoELoRAConfig):
             self.target_modules = ["<from adapters>"]
         if num is None:
             k = self.top_k
-            self.num_experts = k if isinstance(k, int) and not isinstance(k, bool) and k >= 1 else 1
+            if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+                _fail("top_k", k, "an integer >= 1 (at most the number of adapters)")  # N is not known yet
+            self.num_experts = k
         try:
             super().__post_init__()
         finally:
