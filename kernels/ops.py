@@ -131,7 +131,7 @@ def check_operands(op: str, x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor
         raise ValueError(f"{op}: expert_ids must be an integer tensor (int64 or int32), got {expert_ids.dtype}.")
     if (num_experts is not None and expert_ids.device.type == "cpu" and expert_ids.numel()
             and not torch.compiler.is_compiling()):
-        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(expert_ids))  # one pass: this runs per layer per forward
         if lo < -1 or hi >= num_experts:
             raise ValueError(f"{op}: expert_ids holds ids in [{lo}, {hi}], outside [-1, {num_experts}) for "
                              f"num_experts={num_experts} (-1 marks an empty slot). Check the router's "

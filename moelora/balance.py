@@ -163,12 +163,15 @@ class LayerStats:
 
 @dataclass
 class _Pending:
-    """One layer's statistics since they were last settled, on the routing's device. The counts
-    are the co-activation's diagonal (a 0/1 row's self-product is itself), not kept twice."""
+    """One layer's statistics since they were last settled, on the routing's device.
+    ``coactivation`` counts tokens (0/1 per token and expert); ``slots`` ``[E+1]`` counts routed
+    slots (the last entry collects empty ones), which differ only where a custom router repeats
+    an expert within a token. Settling writes ``slots`` onto the co-activation's diagonal."""
 
     prob_sum: Tensor
     dropped: Tensor
     coactivation: Tensor
+    slots: Tensor
     masked_tokens: Tensor  # 0-d int64: real tokens of the forwards that had a token mask
     tokens: int = 0  # tokens of the forwards without one (known on the host)
     forwards: int = 0
@@ -183,7 +186,7 @@ class _Pending:
         # float64 where the device has it (exact counts past 2**24 slots); MPS has no float64.
         dtype = torch.float32 if device.type == "mps" else torch.float64
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(num_experts), z(num_experts), z(num_experts, num_experts),
+        return cls(z(num_experts), z(num_experts), z(num_experts, num_experts), z(num_experts + 1),
                    torch.zeros((), dtype=torch.long, device=device))
 
 
@@ -233,6 +236,7 @@ class LoadTracker:
             if stats is None:
                 stats = self._layers[name] = LayerStats.empty(p.num_experts)
             coactivation = p.coactivation.cpu().double()
+            coactivation.diagonal().copy_(p.slots[:-1])  # slots, not tokens: see _Pending
             stats.counts += coactivation.diagonal()
             stats.prob_sum += p.prob_sum.cpu().double()
             stats.dropped += p.dropped.cpu().double()
@@ -273,14 +277,13 @@ class LoadTracker:
         real = None if token_mask is None else token_mask.to(dev).reshape(-1, 1)
         if real is not None:
             valid = valid & real
-        slots = torch.zeros(expert_ids.shape[0], num_experts + 1, dtype=p.prob_sum.dtype, device=dev)
-        slots = slots.scatter_add_(1, torch.where(valid, expert_ids, num_experts).long(),
-                                   valid.to(slots.dtype))[:, :num_experts]     # [T, E] slots per token
-        # Off the diagonal: tokens that chose both experts. On it: slots, so a custom router that
-        # repeats an expert within a token (the kernels apply every slot) is counted as applied.
-        chosen = slots.clamp(max=1)
+        index = torch.where(valid, expert_ids, num_experts).long()
+        chosen = torch.zeros(expert_ids.shape[0], num_experts + 1, dtype=p.prob_sum.dtype, device=dev)
+        chosen = chosen.scatter_(1, index, 1.0)[:, :num_experts]                # [T, E] 0/1
         p.coactivation += chosen.t() @ chosen
-        p.coactivation.diagonal().add_((slots - chosen).sum(0))
+        # Every slot counts, also one that repeats an expert within a token (the kernels apply
+        # each); kept apart from the token-level co-activation to stay two ops per forward.
+        p.slots.scatter_add_(0, index.reshape(-1), valid.reshape(-1).to(p.slots.dtype))
         if probs is not None:
             pr = probs.to(p.prob_sum.dtype)
             p.prob_sum += (pr if real is None else torch.where(real, pr, 0)).sum(0)
@@ -300,6 +303,8 @@ class LoadTracker:
                     if p.task_counts is not None:
                         grown[:p.task_counts.shape[0]] = p.task_counts
                     p.task_counts = grown
+                slots = chosen.new_zeros(expert_ids.shape[0], num_experts + 1)
+                slots = slots.scatter_add_(1, index, valid.to(slots.dtype))[:, :num_experts]  # [T, E]
                 # A slot without a task (negative id) adds a zero row to task 0.
                 p.task_counts.index_add_(0, tasks.clamp(min=0), torch.where((tasks >= 0).view(-1, 1), slots, 0))
 
