@@ -261,10 +261,9 @@ def gated_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Te
     if col_expert.shape != (A.shape[0],) or col_scale.shape != (A.shape[0],):
         raise ValueError(f"gated_lora: col_expert {tuple(col_expert.shape)} and col_scale "
                          f"{tuple(col_scale.shape)} must both be [R] with R = {A.shape[0]}")
-    check_operands("gated_lora", x, A, Bt, expert_ids, num_experts)
     impl = resolve_backend(backend, x.device, x.dtype)
     if not dense_max_rank(impl, A.shape[0], num_experts, expert_ids.shape[1]):
-        from .grouped import grouped_lora
+        from .grouped import grouped_lora  # which checks the operands itself
 
         if ranks is None:
             ranks = torch.bincount(col_expert, minlength=num_experts).tolist()
@@ -273,6 +272,7 @@ def gated_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Te
             offsets.append(offsets[-1] + int(r))
         first = device_constant([min(o, A.shape[0] - 1) for o in offsets[:-1]], col_scale.device)
         return grouped_lora(x, A, Bt, expert_ids, weights, ranks, col_scale[first], backend=impl)
+    check_operands("gated_lora", x, A, Bt, expert_ids, num_experts)
     args = (x, A, Bt, weights.to(A.dtype), expert_ids, col_expert, col_scale.to(A.dtype), num_experts, impl)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:4])):
         # Inference: the same math without an autograd node (Function.apply costs ~20 µs per

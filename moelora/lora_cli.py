@@ -46,15 +46,17 @@ def _number(text: str, name: str) -> float:
         raise ValueError(f"collapse weight for {name!r} is {text!r}, not a number.") from None
 
 
-def _expert_ref(text: str, adapter: str) -> str | int:
-    """An ``--experts`` entry: the expert's name when one is called that (names may be digits),
-    else an index when it is a number, else the name (unknown names are reported later)."""
-    if not text.isdigit():
-        return text
+def _expert_ref(text: str, names: list[str]) -> str | int:
+    """An ``--experts`` / ``--collapse`` entry: the expert's name when one is called that (names
+    may be digits), else an index when it is a number, else the name (unknown names are reported
+    later). ``names``: the imported experts' names (:func:`_imported_names`)."""
+    return int(text) if text.isdigit() and text not in names else text
+
+
+def _imported_names(adapter: str) -> list[str]:
     from .io import read_adapter_meta
 
-    names = [e.get("name") for e in read_adapter_meta(adapter)["config"].get("experts") or []]
-    return text if text in names else int(text)
+    return [e.get("name") for e in read_adapter_meta(adapter)["config"].get("experts") or []]
 
 
 def _import_parser() -> argparse.ArgumentParser:
@@ -193,11 +195,12 @@ def export_lora_main(argv: list[str] | None = None) -> int:
     try:
         from .lora_export import export_saved_adapter
 
+        names = _imported_names(args.adapter) if args.collapse or args.experts else []
         collapse = None
         if args.collapse:
             # NAME may also be an index, read as --experts reads it (a name made of digits wins).
-            collapse = {_expert_ref(k, args.adapter): _number(v, k) for k, v in _pairs(args.collapse, "collapse").items()}
-        experts = None if not args.experts else [_expert_ref(e, args.adapter) for e in args.experts]
+            collapse = {_expert_ref(k, names): _number(v, k) for k, v in _pairs(args.collapse, "collapse").items()}
+        experts = None if not args.experts else [_expert_ref(e, names) for e in args.experts]
         written = export_saved_adapter(args.adapter, args.output, experts=experts, collapse=collapse,
                                        rank=args.rank, overwrite=args.overwrite)
     except (OSError, ValueError, TypeError) as err:

@@ -231,6 +231,7 @@ def export_lora_adapters(model: nn.Module, path: str | os.PathLike, *, experts: 
 
 def _export(src: _Source, out: Path, *, experts, overwrite: bool) -> dict[str, Path]:
     names = src.names
+    heads = src.saved_tensors()  # the same trained copies go into every expert's directory
     chosen = list(range(len(names))) if experts is None else [_expert_index(e, names) for e in experts]
     plans = []
     for i in chosen:
@@ -250,7 +251,7 @@ def _export(src: _Source, out: Path, *, experts, overwrite: bool) -> dict[str, P
             tensors[f"{PEFT_PREFIX}{bank.name}.lora_A.weight"] = _tensor(lora_A)
             tensors[f"{PEFT_PREFIX}{bank.name}.lora_B.weight"] = _tensor(lora_B)
             modules[bank.name] = (bank.rank(i), float(bank.scale_of(i)))
-        tensors.update(src.saved_tensors())
+        tensors.update(heads)
         config = _peft_config(modules, rslora=rslora, conv1d=any(b.conv1d for b in banks), extra=extra,
                               saved=src.saved)
         record = {"exported_by": "moelora", "expert": names[i], "index": i,

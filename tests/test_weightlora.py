@@ -185,7 +185,7 @@ def test_resizing_with_a_factored_optimizer_restarts_its_state(token_ids, kw, ev
     events = []
     for _ in range(5):
         train_step(model, opt, token_ids)
-        with pytest.warns(UserWarning, match="starts afresh") if len(events) == 2 else _no_warning():
+        with pytest.warns(UserWarning, match="starts afresh") if len(events) == 2 else contextlib.nullcontext():
             events.append(ctl.step(opt))
     assert events == [None, "threshold", event, None, None]
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -363,10 +363,6 @@ def test_export_folds_omega_itself_from_the_model_and_from_a_saved_adapter(tmp_p
     for path in exported:
         reference = peft.PeftModel.from_pretrained(tiny_llama(), str(path)).eval()
         torch.testing.assert_close(eval_logits(reference, token_ids), want, atol=1e-5, rtol=0)
-
-
-def _no_warning():
-    return contextlib.nullcontext()
 
 
 def test_merge_into_base_points_weightlora_to_export():

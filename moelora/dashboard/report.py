@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -323,17 +322,8 @@ def build_report(log_dir: str | os.PathLike, output: str | os.PathLike | None = 
     page = render_html(contents, title=f"moelora routing report · {run_dir.name}", config_yaml=config_yaml)
     out.parent.mkdir(parents=True, exist_ok=True)
     # A temp file of its own (two report builds of one run may race) renamed over the report, so
-    # a reader never sees half a page; mkstemp's 0600 widened to a new file's usual mode.
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # a reader never sees half a page.
+    from moelora.io import _atomic_write  # here: moelora.io imports the whole engine
+
+    _atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return out
