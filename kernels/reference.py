@@ -206,33 +206,70 @@ def naive_rankwise_lora(x: Tensor, A: Tensor, Bt: Tensor, k: int, *, bias: Tenso
 #
 # Written for CPU speed, since this twin is the CPU path for large E·r: one stable sort, then per
 # expert a gather of its rows with index_select (aten::index, i.e. x[idx], is 3-4x slower on CPU),
-# two GEMMs and an in-place index_add_. Per-expert buffers, not one [T·k, d] gather: buffers of a
-# few MB are returned to the OS by glibc after each call and page-faulted back in on the next,
-# which measured ~2x slower here; same-size per-expert buffers are reused from the heap. Nothing
-# [T·k, d] is saved for the backward: x is gathered again there. Measured and not adopted
-# (benchmarks/cpu_formulations.py): one [E, C, d] buffer padded to the largest expert with bmm
-# (at best within run-to-run noise of this path, with 2 threads only; up to 3x slower at
-# T = 2048) and the routed gate as a CSR matrix with MKL SpMM / SDDMM (slower in every cell).
+# the GEMMs and an in-place index_add_. Everything that is per slot rather than per expert (gate
+# times scale, the gate gradient, the gated du and h) is one vectorised op over all slots, and
+# GEMMs write straight into their slice of a per-slot buffer (``out=``): fewer, larger ops cut
+# forward+backward by 5-10 % against the per-expert version (T in {256, 2048, 8192}, d = 1024,
+# E/k/r = 8/2/16 and 16/4/16, 1 and 2 threads, interleaved medians). Per-expert gather buffers, not
+# one [T·k, d] gather: buffers of a few MB are returned to the OS by glibc after each call and
+# page-faulted back in on the next, which measured ~2x slower here; one buffer of the largest
+# expert's size is reused by every expert. Nothing [T·k, d] is saved for the backward: x is
+# gathered again there. Measured and not adopted (benchmarks/cpu_formulations.py): one [E, C, d]
+# buffer padded to the largest expert with bmm (at best within run-to-run noise of this path,
+# with 2 threads only; up to 3x slower at T = 2048) and the routed gate as a CSR matrix with MKL
+# SpMM / SDDMM (slower in every cell).
 
 
-def _segments(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
-    """Routed slots (``t·k + j``) sorted by expert (stable; ``-1`` slots left out) and each
-    expert's slot count (host ints)."""
-    flat = expert_ids.reshape(-1)
-    key = torch.where(flat >= 0, flat, num_experts)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
-    order = torch.argsort(key, stable=True)[:sum(counts)]
-    return order, counts
+class _Segments:
+    """Routed slots (``t·k + j``) sorted by expert (stable; ``-1`` slots left out), with per-slot
+    views split by expert.
+
+    Attributes:
+        slots: ``[n]`` int64 sorted slot ids; n = routed slots.
+        counts: host ints ``[E]``, slots per expert.
+        tokens: per-expert ``[c_e]`` token ids (views of one ``[n]`` tensor).
+        scale: ``[n]`` output scale of each sorted slot's expert.
+        gate: ``[n]`` gate weight × scale of each sorted slot.
+    """
+
+    def __init__(self, expert_ids: Tensor, weights: Tensor, scale_e: Tensor):
+        E, k = scale_e.numel(), expert_ids.shape[1]
+        flat = expert_ids.reshape(-1)
+        key = torch.where(flat >= 0, flat, E)
+        counts = torch.bincount(key, minlength=E + 1)[:E]
+        self.counts = counts.tolist()
+        n = sum(self.counts)
+        self.slots = torch.argsort(key, stable=True)[:n]
+        self.tokens = torch.div(self.slots, k, rounding_mode="floor").split(self.counts)
+        self.scale = scale_e.repeat_interleave(counts, output_size=n)
+        self.gate = weights.reshape(-1).index_select(0, self.slots) * self.scale
+
+    def experts(self, rank_offsets: tuple[int, ...]):
+        """``(e, c, lo, hi)`` per expert with slots and a nonzero rank (rows ``lo:hi``)."""
+        for e, c in enumerate(self.counts):
+            lo, hi = rank_offsets[e], rank_offsets[e + 1]
+            if c and hi > lo:
+                yield e, c, lo, hi
 
 
-def _expert_slices(counts: list[int], rank_offsets: tuple[int, ...]):
-    """``(e, rows, lo, hi)`` per expert that has slots: ``rows`` slices the sorted slots, ``lo:hi``
-    the expert's rank rows. Rank-0 experts are included (their slots still exist)."""
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            yield e, slice(start, start + c), rank_offsets[e], rank_offsets[e + 1]
-        start += c
+def _per_slot(like: Tensor, n: int, width: int, ragged: bool) -> Tensor:
+    """``[n, width]`` per-slot buffer; zeroed only when some expert leaves columns unwritten."""
+    return like.new_zeros(n, width) if ragged else like.new_empty(n, width)
+
+
+def _workspace(like: Tensor, counts: list[int], width: int) -> Tensor:
+    """One ``[max count, width]`` buffer that every expert's rows reuse. A fresh buffer per expert
+    measured up to 10x slower on CPU for the largest expert: glibc raises its mmap threshold to
+    the largest block freed, so the largest per-expert buffer is mmapped and page-faulted again
+    on every call."""
+    return like.new_empty(max(counts, default=0), width)
+
+
+def _ranks(rank_offsets: tuple[int, ...]) -> tuple[int, bool]:
+    """``(r_max, ragged)``: the widest expert and whether any expert is narrower."""
+    ranks = [hi - lo for lo, hi in zip(rank_offsets[:-1], rank_offsets[1:])]
+    r_max = max(ranks, default=0)
+    return r_max, any(r != r_max for r in ranks)
 
 
 def grouped_lora_forward(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Tensor,
@@ -250,31 +287,18 @@ def grouped_lora_forward(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, w
         slot ``s`` (0 elsewhere).
     """
     T, k = expert_ids.shape
-    E = len(rank_offsets) - 1
-    r_max = max([rank_offsets[e + 1] - rank_offsets[e] for e in range(E)], default=0)
-    slots, counts = _segments(expert_ids, E)
-    tok = torch.div(slots, k, rounding_mode="floor")
-    gs = weights.reshape(-1).index_select(0, slots)              # [n] gate weight per sorted slot
-    hs = x.new_zeros(slots.numel(), r_max)
+    r_max, ragged = _ranks(rank_offsets)
+    seg = _Segments(expert_ids, weights, scale_e)
+    hs = _per_slot(x, seg.slots.numel(), r_max, ragged)          # [n, r_max], sorted like the slots
+    hs_e, x_buf = hs.split(seg.counts), _workspace(x, seg.counts, x.shape[1])
+    for e, c, lo, hi in seg.experts(rank_offsets):
+        torch.mm(torch.index_select(x, 0, seg.tokens[e], out=x_buf[:c]), A[lo:hi].t(), out=hs_e[e][:, :hi - lo])
+    hg = (hs * seg.gate.unsqueeze(1)).split(seg.counts)
     y = x.new_zeros(T, Bt.shape[1])
-    xe_buf, ye_buf = _workspace(x, counts, x.shape[1]), _workspace(x, counts, Bt.shape[1])
-    for e, rows, lo, hi in _expert_slices(counts, rank_offsets):
-        if hi == lo:
-            continue
-        te = tok[rows]
-        h = torch.index_select(x, 0, te, out=xe_buf[:te.numel()]) @ A[lo:hi].t()   # [c, r_e]
-        hs[rows, :hi - lo] = h
-        ye = torch.mm(h * (gs[rows] * scale_e[e]).unsqueeze(1), Bt[lo:hi], out=ye_buf[:te.numel()])
-        y.index_add_(0, te, ye)
-    return y, x.new_zeros(T * k, r_max).index_copy_(0, slots, hs)
-
-
-def _workspace(like: Tensor, counts: list[int], width: int) -> Tensor:
-    """One ``[max count, width]`` buffer that every expert's rows reuse. A fresh buffer per expert
-    measured up to 10x slower on CPU for the largest expert: glibc raises its mmap threshold to
-    the largest block freed, so the largest per-expert buffer is mmapped and page-faulted again
-    on every call."""
-    return like.new_empty(max(counts, default=0), width)
+    y_buf = _workspace(x, seg.counts, Bt.shape[1])
+    for e, c, lo, hi in seg.experts(rank_offsets):
+        y.index_add_(0, seg.tokens[e], torch.mm(hg[e][:, :hi - lo], Bt[lo:hi], out=y_buf[:c]))
+    return y, x.new_zeros(T * k, r_max).index_copy_(0, seg.slots, hs)
 
 
 def grouped_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, hs: Tensor, expert_ids: Tensor,
@@ -286,34 +310,32 @@ def grouped_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, hs: 
     Returns ``(grad_x [T, d_in], grad_A [R, d_in], grad_Bt [R, d_out], grad_w [T, k])`` (None where
     not needed). The gate gradient is the ``r_e``-wide dot ``scale_e · <du_slot, h_slot>``."""
     T, k = expert_ids.shape
-    E = len(rank_offsets) - 1
-    slots, counts = _segments(expert_ids, E)
-    tok = torch.div(slots, k, rounding_mode="floor")
-    hss = hs.index_select(0, slots)                              # [n, r_max]
-    gs = weights.reshape(-1).index_select(0, slots)
-    gx = torch.zeros_like(x) if need_x else None
+    r_max, ragged = _ranks(rank_offsets)
+    seg = _Segments(expert_ids, weights, scale_e)
+    hss = hs.index_select(0, seg.slots)                          # [n, r_max], sorted like the slots
+    du = _per_slot(hs, seg.slots.numel(), r_max, ragged)
+    du_e = du.split(seg.counts)
     gA = torch.zeros_like(A) if need_A else None
     gB = torch.zeros_like(Bt) if need_Bt else None
-    gws = hs.new_zeros(slots.numel()) if need_w else None
-    dy_buf = _workspace(grad_y, counts, grad_y.shape[1])
-    xe_buf = _workspace(x, counts, x.shape[1]) if need_A else None
-    dx_buf = _workspace(x, counts, x.shape[1]) if need_x else None
-    for e, rows, lo, hi in _expert_slices(counts, rank_offsets):
-        if hi == lo:
-            continue
-        te = tok[rows]
-        c = te.numel()
-        dy, h, g = torch.index_select(grad_y, 0, te, out=dy_buf[:c]), hss[rows, :hi - lo], \
-            (gs[rows] * scale_e[e]).unsqueeze(1)
-        du = dy @ Bt[lo:hi].t()                                  # [c, r_e]
-        if need_w:
-            torch.sum(du * h, 1, out=gws[rows]).mul_(scale_e[e])
-        gdu = g * du
-        if need_x:
-            gx.index_add_(0, te, torch.mm(gdu, A[lo:hi], out=dx_buf[:c]))
-        if need_A:
-            torch.mm(gdu.t(), torch.index_select(x, 0, te, out=xe_buf[:c]), out=gA[lo:hi])
+    hg = (hss * seg.gate.unsqueeze(1)).split(seg.counts) if need_Bt else None
+    dy_buf = _workspace(grad_y, seg.counts, grad_y.shape[1])
+    for e, c, lo, hi in seg.experts(rank_offsets):               # du and dBt share the gathered dy
+        dy = torch.index_select(grad_y, 0, seg.tokens[e], out=dy_buf[:c])
+        torch.mm(dy, Bt[lo:hi].t(), out=du_e[e][:, :hi - lo])
         if need_Bt:
-            torch.mm((g * h).t(), dy, out=gB[lo:hi])
-    gw = hs.new_zeros(T * k).index_copy_(0, slots, gws).view(T, k) if need_w else None
+            torch.mm(hg[e][:, :hi - lo].t(), dy, out=gB[lo:hi])
+    gw = None
+    if need_w:
+        gws = (du * hss).sum(1).mul_(seg.scale)
+        gw = hs.new_zeros(T * k).index_copy_(0, seg.slots, gws).view(T, k)
+    gx = torch.zeros_like(x) if need_x else None
+    if need_x or need_A:
+        gdu = (du * seg.gate.unsqueeze(1)).split(seg.counts)
+        x_buf = _workspace(x, seg.counts, x.shape[1])
+        for e, c, lo, hi in seg.experts(rank_offsets):
+            g = gdu[e][:, :hi - lo]
+            if need_x:
+                gx.index_add_(0, seg.tokens[e], torch.mm(g, A[lo:hi], out=x_buf[:c]))
+            if need_A:
+                torch.mm(g.t(), torch.index_select(x, 0, seg.tokens[e], out=x_buf[:c]), out=gA[lo:hi])
     return gx, gA, gB, gw
