@@ -11,6 +11,7 @@ machines without triton or a GPU.
 """
 
 from .balance import LayerStats, LoadTracker
+from .checkpointing import checkpoint
 from .config import MoELoRAConfig, config_from_dict, register_config
 from .experts import ExpertBank
 from .inject import aux_loss, disable_adapters, inject, routing_stats, trainable_parameters, unwrap
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ExpertBank", "LayerStats", "LoadTracker", "MoELoRAConfig", "MoELoRALinear", "Routing", "TopKRouter",
     "SiRAConfig", "SiRARouter",
-    "aux_loss", "config_from_dict", "disable_adapters", "inject", "load_adapter", "register_config",
+    "aux_loss", "checkpoint", "config_from_dict", "disable_adapters", "inject", "load_adapter", "register_config",
     "routing_stats", "save_adapter", "trainable_parameters", "unwrap", "wrapped_layers",
 ]
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .checkpointing import ReplayingCheckpoint
 from .config import MoELoRAConfig
 from .experts import ExpertBank
 from .layer import MoELoRALinear, wrapped_layers
@@ -229,6 +230,7 @@ class _CaptureMask:
             if self.position is not None and self.position < len(args):
                 mask = args[self.position]
         self.state.token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        self.state.in_forward = True
         if self.checkpointed is None:
             self.checkpointed = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
         for m in self.checkpointed:  # gradient_checkpointing_enable() may have run since the last forward
@@ -246,28 +248,6 @@ def _positional_index(forward, name: str) -> int | None:
     return positional.index(name) if name in positional else None
 
 
-class ReplayingCheckpoint:
-    """Wraps a transformers layer's ``_gradient_checkpointing_func``: each checkpointed call runs
-    its function with ``state.replay`` set to the token mask of the forward that made it, both
-    then and when backward recomputes it. Without this a recomputation could only read the last
-    forward's mask, wrong when two forwards share one backward (SiRA's capacity would then count
-    padding). ``unwrap`` puts the original function back."""
-
-    def __init__(self, inner, state: AdapterState) -> None:
-        self.inner, self.state = inner, state
-
-    def __call__(self, function, *args, **kwargs):
-        state, replay = self.state, (self.state.token_mask,)
-
-        def run(*a, **k):
-            previous, state.replay = state.replay, replay
-            try:
-                return function(*a, **k)
-            finally:
-                state.replay = previous
-        return self.inner(run, *args, **kwargs)
-
-
 class _ReleaseMask:
     """Forward hook: keep the mask for activation-checkpoint recomputation (which runs after
     the forward returned, in backward) and clear it for anything else."""
@@ -277,6 +257,7 @@ class _ReleaseMask:
 
     def __call__(self, module, args, output) -> None:
         self.state.last_token_mask, self.state.token_mask = self.state.token_mask, None
+        self.state.in_forward = False
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -30,6 +30,7 @@ class AdapterState:
         saved_modules: names of the ``modules_to_save`` wrappers.
         requires_grad: each original parameter's ``requires_grad`` before injection (for unwrap).
         handles: forward-hook handles to remove on unwrap.
+        in_forward: True between the model's forward pre-hook and its forward hook.
         replay: ``(mask,)`` while a checkpointed layer runs: the token mask of the forward that
             made the checkpoint, read on recomputation; ``None`` outside one.
         task_ids: int64 task ids of the current forward, one per token, shaped as given to
@@ -48,18 +49,23 @@ class AdapterState:
     handles: list[Any] = field(default_factory=list)
     task_ids: Tensor | None = None
     replay: tuple[Tensor | None] | None = None
+    in_forward: bool = False
 
     def mask_for(self, num_tokens: int, *, recomputing: bool = False) -> Tensor | None:
         """The token mask of this forward (or, when ``recomputing``, of the forward being
         recomputed) if it describes ``num_tokens`` tokens, else ``None``.
 
-        A recomputation inside a transformers checkpointed layer gets the mask of the forward that
-        made that checkpoint (``replay``, set by :class:`~moelora.inject.ReplayingCheckpoint`), so
-        two forwards sharing one backward each replay their own; elsewhere the last forward's."""
-        if recomputing and self.replay is not None:
+        A recomputation inside a checkpointed block gets the mask of the forward that made that
+        checkpoint (``replay``, set by :class:`~moelora.checkpointing.ReplayingCheckpoint`), so two
+        forwards sharing one backward each replay their own. A recomputation that runs the model's
+        forward again (``in_forward``: the whole model checkpointed) gets that forward's mask;
+        anything else the last forward's."""
+        if not recomputing or self.in_forward:
+            m = self.token_mask
+        elif self.replay is not None:
             m = self.replay[0]
         else:
-            m = self.last_token_mask if recomputing and self.token_mask is None else self.token_mask
+            m = self.last_token_mask
         return m if m is not None and m.numel() == num_tokens else None
 
     def task_rows(self) -> int:

@@ -2,6 +2,7 @@
 activation checkpointing, and the padding mask."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -290,6 +291,80 @@ def test_two_checkpointed_forwards_sharing_one_backward_replay_their_own_masks()
     moelora.unwrap(model)
     assert not any(type(m.__dict__.get("_gradient_checkpointing_func")).__name__ == "ReplayingCheckpoint"
                    for m in model.modules()), "unwrap restores transformers' checkpoint function"
+
+
+def _sira_pair_setup():
+    """A SiRA model (capacity counts real tokens only) and two batches with different padding."""
+    cfg = moelora.SiRAConfig(target_modules="all-linear", num_experts=4, top_k=2, rank=4, seed=0,
+                             min_capacity=0, capacity_factor=1.0, expert_dropout=0.0)
+    base = moelora.inject(tiny_llama(), cfg)
+    with torch.no_grad():
+        for layer in moelora.wrapped_layers(base):
+            layer.bank.Bt.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(0)
+    ids1, ids2 = torch.randint(3, 97, (2, 10), generator=g), torch.randint(3, 97, (2, 12), generator=g)
+    m1, m2 = torch.ones_like(ids1), torch.ones_like(ids2)
+    m1[1, :5] = 0
+    return base, (ids1, m1, ids1.masked_fill(m1 == 0, -100)), (ids2, m2, ids2)
+
+
+def _pair_grads(model, batches, call=None):
+    # use_cache=False: a recomputed block would append its keys to the cache a second time
+    # (transformers turns the cache off itself when its own checkpointing is on).
+    call = call or (lambda model, ids, mask, labels: model(input_ids=ids, attention_mask=mask, labels=labels,
+                                                           use_cache=False))
+    sum(call(model, *batch).loss for batch in batches).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("how", ["blocks", "whole model"])
+def test_moelora_checkpoint_replays_each_forwards_mask(how):
+    # Blocks checkpointed by hand: moelora.checkpoint carries each forward's padding mask into its
+    # recomputation; plain torch.utils.checkpoint reads the last forward's (the gradients differ).
+    import torch.utils.checkpoint as tuc
+
+    base, *batches = _sira_pair_setup()
+    want = _pair_grads(copy.deepcopy(base).train(), batches)
+
+    def by_hand(checkpoint_fn):
+        model = copy.deepcopy(base).train()
+        if how == "blocks":
+            for block in model.model.layers:
+                block.forward = functools.partial(checkpoint_fn, model, block.forward)
+            return _pair_grads(model, batches)
+        return _pair_grads(model, batches, lambda model, ids, mask, labels: checkpoint_fn(
+            model, model, input_ids=ids, attention_mask=mask, labels=labels, use_cache=False))
+
+    got = by_hand(moelora.checkpoint)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    if how == "blocks":
+        plain = by_hand(lambda model, fn, *a, **k: tuc.checkpoint(fn, *a, use_reentrant=False, **k))
+        assert max((plain[n] - want[n]).abs().max().item() for n in want) > 1e-3, \
+            "plain torch checkpointing replays the wrong mask here, or this test cannot tell"
+
+
+def test_whole_model_recompute_without_a_mask_does_not_read_the_next_forwards_mask():
+    # Forward 1 passes no mask; forward 2, of the same shape, has padding. Recomputing forward 1
+    # (the whole model checkpointed) used to fall back to the last forward's mask.
+    import torch.utils.checkpoint as tuc
+
+    base, _, (ids2, m2, labels2) = _sira_pair_setup()
+    m2 = m2.clone()
+    m2[0, :4] = 0
+    ids1 = torch.randint(3, 97, ids2.shape, generator=torch.Generator().manual_seed(1))
+    batches = [(ids1, None, ids1), (ids2, m2, ids2.masked_fill(m2 == 0, -100))]
+    want = _pair_grads(copy.deepcopy(base).train(), batches)
+    got = _pair_grads(copy.deepcopy(base).train(), batches, lambda model, ids, mask, labels: tuc.checkpoint(
+        model, input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, use_reentrant=False))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_moelora_checkpoint_names_an_uninjected_model():
+    with pytest.raises(ValueError, match="no moelora adapter"):
+        moelora.checkpoint(tiny_llama(), lambda x: x * 2, torch.ones(2, requires_grad=True))
 
 
 def test_positional_attention_mask_is_the_token_mask(token_ids):
