@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moelora.balance import LayerStats, LoadTracker
-from moelora.dashboard.store import RoutingStore, decode_layer, encode_layer, find_store, read_store
+from moelora.dashboard.store import RoutingStore, decode_layer, encode_layer, find_store, read_store, record_problem
 
 
 def random_stats(seed: int, num_experts: int = 4, tasks: int | None = 3) -> LayerStats:
@@ -172,6 +172,19 @@ def test_invalid_lines_are_skipped_and_invalid_records_are_refused(tmp_path):
     with pytest.raises(ValueError, match="kind"):
         store.append({"stage": "train", "step": 4})
     assert store.records_path.stat().st_size == size
+
+
+@pytest.mark.parametrize("value, ok", [
+    (2.5, True), (10 ** 300, True), (1e308, True),           # 1e308 twice: the sum overflows, each is finite
+    (True, False), (float("nan"), False), (float("inf"), False), (-float("inf"), False),
+    (10 ** 400, False), ("3", False), (None, False), ([1], False),
+], ids=lambda v: str(v)[:10])
+def test_layer_vectors_hold_finite_json_numbers_only(value, ok):
+    layer = encode_layer(random_stats(4))
+    layer["counts"][1] = layer["counts"][2] = value
+    rec = {"kind": "window", "stage": "train", "step": 1, "layers": {"l": layer}}
+    # the checker is strict JSON: a bool is not a number, a number must fit a float64
+    assert (record_problem(json.loads(json.dumps(rec))) is None) is ok
 
 
 _WRITER = """
