@@ -5,7 +5,7 @@
     python -P benchmarks/cpu_formulations.py --quick --out DIR   # 2 cells, 3 reps: a smoke run
 
 Issue 3 asks for forward+backward at least 3x faster than the per-expert loop for E·r <= 256 on
-CPU; ``benchmarks/kernels.py`` measures our op at 1.4-3.9x. This script asks whether a different
+CPU; ``benchmarks/kernels.py`` measures our op at 1.5-4.9x. This script asks whether a different
 formulation built from torch ops would do better. Each is checked against the loop's output and
 gradients (``max rel err``) before it is timed. Uniform ranks, fp32.
 

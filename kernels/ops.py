@@ -37,9 +37,9 @@ BACKENDS = ("auto", "torch", "triton")
 #:   registers only up to R_pad = 256. Re-tune on the device with ``benchmarks/kernels.py``.
 #: * ``"torch"`` = 96, compared with ``R``: measured on this project's CPU machine (fp32, d = 1024,
 #:   k = 2, r = 16, T ∈ {256, 2048}, 1 and 2 threads; ``python -P benchmarks/kernels.py
-#:   --sweep-only --threads N``, benchmarks/results/kernels_cpu_sweep_t{1,2}.md). The dense twin
-#:   won forward+backward at R ≤ 64 (1.1–2.1×, one tie); the sorted-segment twin won from R = 128
-#:   on (1.2–1.7× at 128 except 0.88× at T = 256 with 2 threads, 1.2–25× at 256–4096); 96 sits
+#:   --sweep-only --reps 15 --threads N``, benchmarks/results/kernels_cpu_sweep_t{1,2}.md). The
+#:   dense twin won forward+backward at R ≤ 64 (1.1–1.7×, ties at R = 64 with 1 thread); the
+#:   sorted-segment twin won from R = 128 on (1.08–1.9× at 128, 1.2–25× at 256–4096); 96 sits
 #:   between the two measured points. A CPU
 #:   is compute-bound at these ranks, so the dense formulation's R/(k·r) extra FLOPs cost time
 #:   there. The crossover also depends on k·r (at k = E every slot is routed and dense always

@@ -208,15 +208,16 @@ def naive_rankwise_lora(x: Tensor, A: Tensor, Bt: Tensor, k: int, *, bias: Tenso
 # expert a gather of its rows with index_select (aten::index, i.e. x[idx], is 3-4x slower on CPU),
 # the GEMMs and an in-place index_add_. Everything that is per slot rather than per expert (gate
 # times scale, the gate gradient, the gated du and h) is one vectorised op over all slots, and
-# GEMMs write straight into their slice of a per-slot buffer (``out=``): fewer, larger ops cut
-# forward+backward by 5-10 % against the per-expert version (T in {256, 2048, 8192}, d = 1024,
-# E/k/r = 8/2/16 and 16/4/16, 1 and 2 threads, interleaved medians). Per-expert gather buffers, not
+# GEMMs write straight into their slice of a per-slot buffer (``out=``): fewer ops cut
+# forward+backward by 2-20 % against doing all of it per expert (T in {256, 2048, 8192}, d in
+# {1024, 4096}, E/k/r in {8/2/16, 16/4/16, 64/2/8}, 1 and 2 threads, interleaved medians; within
+# run-to-run noise with ragged ranks at T = 512). Per-expert gather buffers, not
 # one [T·k, d] gather: buffers of a few MB are returned to the OS by glibc after each call and
 # page-faulted back in on the next, which measured ~2x slower here; one buffer of the largest
 # expert's size is reused by every expert. Nothing [T·k, d] is saved for the backward: x is
 # gathered again there. Measured and not adopted (benchmarks/cpu_formulations.py): one [E, C, d]
 # buffer padded to the largest expert with bmm (at best within run-to-run noise of this path,
-# with 2 threads only; up to 3x slower at T = 2048) and the routed gate as a CSR matrix with MKL
+# with 2 threads only; up to 2.7x slower at T = 2048) and the routed gate as a CSR matrix with MKL
 # SpMM / SDDMM (slower in every cell).
 
 
@@ -318,10 +319,12 @@ def grouped_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, hs: 
     gA = torch.zeros_like(A) if need_A else None
     gB = torch.zeros_like(Bt) if need_Bt else None
     hg = (hss * seg.gate.unsqueeze(1)).split(seg.counts) if need_Bt else None
+    need_du = need_x or need_A or need_w
     dy_buf = _workspace(grad_y, seg.counts, grad_y.shape[1])
     for e, c, lo, hi in seg.experts(rank_offsets):               # du and dBt share the gathered dy
         dy = torch.index_select(grad_y, 0, seg.tokens[e], out=dy_buf[:c])
-        torch.mm(dy, Bt[lo:hi].t(), out=du_e[e][:, :hi - lo])
+        if need_du:
+            torch.mm(dy, Bt[lo:hi].t(), out=du_e[e][:, :hi - lo])
         if need_Bt:
             torch.mm(hg[e][:, :hi - lo].t(), dy, out=gB[lo:hi])
     gw = None
