@@ -1,11 +1,12 @@
-"""Activation checkpointing that replays each forward's token mask on recomputation.
+"""Activation checkpointing that replays each forward's routing context on recomputation.
 
-A wrapped layer reads the token mask (padding) of the current forward from the adapter state.
-Activation checkpointing recomputes a block in backward, after later forwards may have set
-another mask; when two forwards share one backward (contrastive pairs, summed micro-batches),
-forward 1's recomputation would read forward 2's mask, so padding would take SiRA's capacity and
-count in the aux loss. Each checkpointed call therefore carries the mask of the forward that made
-it into its recomputation:
+A wrapped layer reads more than its input from the adapter state: the token mask (padding),
+whether adapters are enabled, MeteoRA's task ids and forced routing. Activation checkpointing
+recomputes a block in backward, after later forwards may have changed them; when two forwards
+share one backward (contrastive pairs, summed micro-batches), forward 1's recomputation would read
+forward 2's mask, so padding would take SiRA's capacity and count in the aux loss, and a backward
+after a ``select_experts`` block would recompute with the learned gate. Each checkpointed call
+therefore carries the :class:`ForwardContext` of the forward that made it into its recomputation:
 
 * transformers' own checkpointing (``model.gradient_checkpointing_enable()``) needs nothing:
   ``inject`` wraps each layer's ``_gradient_checkpointing_func`` in :class:`ReplayingCheckpoint`.
@@ -16,35 +17,89 @@ it into its recomputation:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch.utils.checkpoint
-from torch import nn
+from torch import Tensor, nn
 
 from .state import AdapterState, get_state
 
 
+@dataclass(frozen=True)
+class ForwardContext:
+    """What a wrapped layer reads from the adapter state besides its input, as one forward saw it.
+
+    Attributes:
+        mask: the token mask (``state.token_mask``).
+        enabled: ``False`` inside :func:`moelora.disable_adapters`.
+        task_ids: the ids :func:`moelora.set_task_ids` gave this forward (MeteoRA gate supervision).
+        forcing: ``(router, forced routing)`` pairs of :func:`moelora.select_experts`, or ``None``.
+    """
+
+    mask: Tensor | None
+    enabled: bool
+    task_ids: Tensor | None
+    forcing: tuple[tuple[nn.Module, Tensor], ...] | None
+
+    @classmethod
+    def capture(cls, state: AdapterState) -> ForwardContext:
+        """The context of the forward in progress. A checkpoint reached while an enclosing
+        checkpoint recomputes (outside the model's forward) belongs to that forward: its context."""
+        if not state.in_forward and state.replay is not None:
+            return state.replay
+        return cls(state.token_mask, state.enabled, state.task_ids, state.forcing)
+
+
+def set_forcing(state: AdapterState, forcing: tuple[tuple[nn.Module, Tensor], ...] | None) -> None:
+    """Make ``forcing`` the forced routing in effect: routers it names get their routing, routers
+    forced now and not named in it are released (``forced = None``)."""
+    named = {id(router) for router, _ in forcing or ()}
+    for router, _ in state.forcing or ():
+        if id(router) not in named:
+            router.forced = None
+    for router, routing in forcing or ():
+        router.forced = routing
+    state.forcing = forcing
+
+
+def _enter(state: AdapterState, ctx: ForwardContext) -> tuple:
+    previous = (state.replay, state.enabled, state.task_ids, state.forcing)
+    state.replay, state.enabled, state.task_ids = ctx, ctx.enabled, ctx.task_ids
+    if ctx.forcing is not state.forcing:
+        set_forcing(state, ctx.forcing)
+    return previous
+
+
+def _leave(state: AdapterState, previous: tuple) -> None:
+    state.replay, state.enabled, state.task_ids, forcing = previous
+    if forcing is not state.forcing:
+        set_forcing(state, forcing)
+
+
 class ReplayingCheckpoint:
     """Wraps a checkpoint function (``inner(function, *args, **kwargs)``, e.g. a transformers
-    layer's ``_gradient_checkpointing_func``): each call runs ``function`` with ``state.replay``
-    set to the token mask of the forward in progress (``None`` outside one), both then and when
-    backward recomputes it. A recomputation that runs the whole model's forward again (the model
-    checkpointed at once) reads the mask that forward sets instead
-    (:meth:`~moelora.state.AdapterState.mask_for`). ``unwrap`` puts the original function back."""
+    layer's ``_gradient_checkpointing_func``): each call runs ``function`` inside the
+    :class:`ForwardContext` of the forward in progress, both then and when backward recomputes it,
+    so the recomputation routes as that forward did even after later forwards or after
+    :func:`moelora.disable_adapters` / :func:`moelora.select_experts` blocks have ended. A
+    recomputation that runs the whole model's forward again (the model checkpointed at once) reads
+    the mask that forward sets (:meth:`~moelora.state.AdapterState.mask_for`). ``unwrap`` puts the
+    original function back."""
 
     def __init__(self, inner: Callable[..., Any], state: AdapterState) -> None:
         self.inner, self.state = inner, state
 
     def __call__(self, function, *args, **kwargs):
         state = self.state
-        replay = (state.token_mask,)
+        ctx = ForwardContext.capture(state)
 
         def run(*a, **k):
-            previous, state.replay = state.replay, replay
+            previous = _enter(state, ctx)
             try:
                 return function(*a, **k)
             finally:
-                state.replay = previous
+                _leave(state, previous)
         return self.inner(run, *args, **kwargs)
 
 

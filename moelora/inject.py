@@ -199,7 +199,12 @@ def attach_adapter(model: nn.Module, plan: AdapterPlan) -> None:
         param.requires_grad_(False)
     for name, module in plan.modules.items():
         parent, child = _parent(model, name)
+        replaced = getattr(parent, child, None)
         setattr(parent, child, module)
+        # A new module starts in training mode. It takes the mode of what it replaces: a model
+        # from ``from_pretrained`` is in eval mode, where SiRA's expert dropout, its training
+        # capacity and FlyLoRA's bias update must not run.
+        module.train(replaced.training if isinstance(replaced, nn.Module) else parent.training)
     setattr(model, STATE_ATTR, state)
     state.handles = [
         model.register_forward_pre_hook(_CaptureMask(state), with_kwargs=True),
@@ -302,7 +307,10 @@ def aux_loss(model: nn.Module) -> Tensor:
 
     Each layer's loss is handed out once (then forgotten, so the graph is not kept alive): call
     it once per forward, after the forward. Returns a zero scalar when no router has an aux loss
-    (eval mode, or all coefficients 0).
+    (eval mode, or all coefficients 0). A forward inside :func:`disable_adapters` routes nothing
+    and leaves the pending losses alone, so a base-model forward (a KL reference) between the
+    adapted forward and this call does not drop them; a loss never collected stays pending until
+    the next routed forward replaces it.
     """
     get_state(model)
     layers = wrapped_layers(model)

@@ -95,6 +95,13 @@ class MoELoRALinear(nn.Module):
         self.last_expert_ids = routing.expert_ids.detach()
         self.last_weights = routing.weights.detach()
 
+    def __getstate__(self) -> dict:
+        # The pending aux loss is part of the last forward's autograd graph: copy.deepcopy (EMA,
+        # swa_utils.AveragedModel) refuses non-leaf tensors, and a copy has no graph to train.
+        state = self.__dict__.copy()
+        state["_aux_loss"] = None
+        return state
+
     def pop_aux_loss(self) -> Tensor | None:
         """The aux loss of the last forward (then forgotten, so the graph is not kept alive)."""
         loss, self._aux_loss = self._aux_loss, None

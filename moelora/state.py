@@ -31,8 +31,11 @@ class AdapterState:
         requires_grad: each original parameter's ``requires_grad`` before injection (for unwrap).
         handles: forward-hook handles to remove on unwrap.
         in_forward: True between the model's forward pre-hook and its forward hook.
-        replay: ``(mask,)`` while a checkpointed layer runs: the token mask of the forward that
-            made the checkpoint, read on recomputation; ``None`` outside one.
+        replay: while a checkpointed block runs, the
+            :class:`~moelora.checkpointing.ForwardContext` of the forward that made the checkpoint
+            (its token mask is read on recomputation); ``None`` outside one.
+        forcing: ``(router, forced routing)`` pairs that :func:`moelora.select_experts` set for
+            the forward in progress (``None`` outside it); a recomputation replays them.
         task_ids: int64 task ids of the current forward, one per token, shaped as given to
             :func:`moelora.set_task_ids` (``[batch, seq]`` or ``[T]``; negative = none); MeteoRA
             gates supervise on them, statistics group by them. Read them with :meth:`task_ids_for`.
@@ -48,8 +51,9 @@ class AdapterState:
     requires_grad: dict[str, bool] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
     task_ids: Tensor | None = None
-    replay: tuple[Tensor | None] | None = None
+    replay: Any = None
     in_forward: bool = False
+    forcing: tuple[tuple[nn.Module, Tensor], ...] | None = None
 
     def mask_for(self, num_tokens: int, *, recomputing: bool = False) -> Tensor | None:
         """The token mask of this forward (or, when ``recomputing``, of the forward being
@@ -63,7 +67,7 @@ class AdapterState:
         if not recomputing or self.in_forward:
             m = self.token_mask
         elif self.replay is not None:
-            m = self.replay[0]
+            m = self.replay.mask
         else:
             m = self.last_token_mask
         return m if m is not None and m.numel() == num_tokens else None

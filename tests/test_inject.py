@@ -362,6 +362,60 @@ def test_whole_model_recompute_without_a_mask_does_not_read_the_next_forwards_ma
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_checkpoint_inside_a_recomputed_checkpoint_keeps_the_outer_forwards_mask():
+    # moelora.checkpoint around a transformers model that checkpoints its own layers: the inner
+    # checkpoints are reached while the outer one recomputes, outside the injected model's forward.
+    class Outer(torch.nn.Module):
+        def __init__(self, use_checkpoint):
+            super().__init__()
+            self.lm, self.use_checkpoint = tiny_llama(), use_checkpoint
+
+        def forward(self, input_ids, attention_mask=None):
+            run = lambda ids, mask: self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits  # noqa: E731
+            return moelora.checkpoint(self, run, input_ids, attention_mask) if self.use_checkpoint \
+                else run(input_ids, attention_mask)
+
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    grads = []
+    for use_checkpoint in (False, True):
+        cfg = moelora.SiRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, rank=4, seed=0,
+                                 capacity_factor=0.5, min_capacity=1, expert_dropout=0.0)
+        model = moelora.inject(Outer(use_checkpoint), cfg)
+        with torch.no_grad():
+            for layer in moelora.wrapped_layers(model):
+                layer.bank.Bt.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+        if use_checkpoint:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        (model(ids, attention_mask=mask).logsumexp(-1).mean() + moelora.aux_loss(model)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_backward_after_a_disable_adapters_block_recomputes_the_base_forward(token_ids):
+    # The recomputation of a forward made inside disable_adapters must run with adapters off even
+    # when backward runs after the block (a KL to the base model): it used to raise CheckpointError.
+    grads = []
+    for checkpointing in (False, True):
+        model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], seed=0))
+        model.model.embed_tokens.weight.requires_grad_(True)   # something upstream that trains
+        for layer in moelora.wrapped_layers(model):
+            torch.nn.init.normal_(layer.bank.Bt, std=0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        out = model(input_ids=token_ids, labels=token_ids)
+        with moelora.disable_adapters(model):
+            base = model(input_ids=token_ids)
+        (out.loss + (out.logits - base.logits).pow(2).mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_moelora_checkpoint_names_an_uninjected_model():
     with pytest.raises(ValueError, match="no moelora adapter"):
         moelora.checkpoint(tiny_llama(), lambda x: x * 2, torch.ones(2, requires_grad=True))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import moelora
 from conftest import minilm_path, tiny_gpt2, tiny_llama
+from moelora.methods.meteora import meteora_routers
 from moelora.routers import MeteoRARouter
 
 peft = pytest.importorskip("peft")
@@ -97,6 +98,48 @@ def test_bank_layout_ranks_scales_and_rank_zero_experts(llama_adapters):
     assert set(layers) == touched
     assert all(isinstance(layer.router, MeteoRARouter) and layer.router.gate.out_features == 3
                for layer in layers.values())
+
+
+def test_backward_after_a_select_experts_block_recomputes_the_forced_routing(llama_adapters, token_ids):
+    # With checkpointing, a forward inside select_experts whose backward runs after the block used
+    # to be recomputed with the learned gates: silently other experts' gradients.
+    grads = []
+    for checkpointing in (False, True):
+        model = moelora.from_lora_adapters(tiny_llama(), llama_adapters,
+                                           config=moelora.MeteoRAConfig(top_k=1, train_loras=True, seed=0))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        with moelora.select_experts(model, "mlp"):
+            loss = model(input_ids=token_ids, labels=token_ids).loss
+        assert all(router.forced is None for router in meteora_routers(model)), "select_experts restores the gates"
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_checkpointed_forwards_replay_their_own_task_ids(llama_adapters):
+    # Gate supervision reads the task ids of its forward; recomputed in backward, forward 1 used to
+    # read forward 2's ids (same shape, so no error: 0.11 off in the gradients).
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(3, 97, (2, 8), generator=g), torch.randint(0, 3, (2, 8), generator=g)) for _ in range(2)]
+    grads = []
+    for checkpointing in (False, True):
+        model = moelora.from_lora_adapters(tiny_llama(), llama_adapters,
+                                           config=moelora.MeteoRAConfig(top_k=2, gate_loss_coef=1.0, seed=0))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        loss = 0
+        for ids, tasks in batches:
+            moelora.set_task_ids(model, tasks)
+            loss = loss + model(input_ids=ids, labels=ids).loss + moelora.aux_loss(model)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_one_hot_gates_give_each_peft_adapter_on_minilm(tmp_path, minilm_tokenizer):

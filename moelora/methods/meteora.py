@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from moelora import expert_space as space
+from moelora.checkpointing import set_forcing
 from moelora.config import MoELoRAConfig, _fail, _is_number, register_config
 from moelora.inject import attach_adapter, build_adapter
 from moelora.layer import wrapped_layers
@@ -450,13 +451,12 @@ def select_experts(model: nn.Module, weights: Any) -> Iterator[nn.Module]:
     if not gates:
         raise ValueError("select_experts needs a MeteoRA model (built with moelora.from_lora_adapters).")
     forced = resolve_expert_weights(expert_names(model), weights).float()
-    config = get_state(model).config
-    routers = [r for _, r in gates]
-    previous = [r.forced for r in routers]
-    for layer, r in gates:  # a layer that dropped an adapter (WeightLoRA) routes only to what it kept
-        r.forced = space.to_layer(forced, space.layer_origin(config, layer.name))
+    state = get_state(model)
+    # a layer that dropped an adapter (WeightLoRA) routes only to what it kept
+    forcing = tuple((r, space.to_layer(forced, space.layer_origin(state.config, layer.name))) for layer, r in gates)
+    previous = state.forcing
+    set_forcing(state, forcing)  # kept in the state too: checkpoint recomputations replay it
     try:
         yield model
     finally:
-        for r, p in zip(routers, previous, strict=True):
-            r.forced = p
+        set_forcing(state, previous)
