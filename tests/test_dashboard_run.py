@@ -207,3 +207,28 @@ def test_ddp_store_equals_single_process(tmp_path):
             assert torch.equal(a.layers[name].counts, b.layers[name].counts), name
             assert torch.equal(a.layers[name].task_counts, b.layers[name].task_counts), name
     assert (tmp_path / "w2" / "routing_report.html").is_file()
+
+
+def test_a_fresh_fit_into_a_used_log_dir_moves_the_earlier_routing_aside(tmp_path):
+    # A fixed logger version: the second fit used to append its windows to the first run's store.
+    import lightning as L
+
+    import moelora
+    from conftest import lightning_trainer
+    from moelora.lightning import MoELoRAModule, TextDataModule
+
+    def fit():
+        module = MoELoRAModule(moelora.MoELoRAConfig(target_modules=["query"], modules_to_save=["classifier"],
+                                                     num_experts=2, top_k=1, rank=2, seed=0))
+        data = TextDataModule(suite_train_per_task=2, suite_val_per_task=1, batch_size=4, seed=0)
+        dashboard = RoutingDashboard(every_n_steps=1, num_samples=0)
+        lightning_trainer(tmp_path, 2, [dashboard]).fit(module, data)
+
+    L.seed_everything(0)
+    fit()
+    first = (tmp_path / "routing" / "records.jsonl").read_bytes()
+    with pytest.warns(UserWarning, match="already held the routing of an earlier run"):
+        fit()
+    assert (tmp_path / "routing.1" / "records.jsonl").read_bytes() == first, "the earlier run is kept"
+    steps = [w.step for w in read_store(tmp_path / "routing").windows if w.stage == "train"]
+    assert steps == [1, 2], "the new store holds only the new run's windows"

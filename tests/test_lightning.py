@@ -267,3 +267,66 @@ def test_setup_checks_split_size_length_and_extension_case(tmp_path):
     ok = TextDataModule(dataset=str(tmp_path / "d.JSONL"), num_labels=2)
     ok.setup("fit")
     assert len(ok.train_set) + len(ok.val_set) == 20
+
+
+def test_predict_leaves_out_layers_that_do_not_see_every_token(tmp_path):
+    # BERT's pooler sees one row per sequence: its routing cannot be [B, S, k] (predict crashed).
+    method = moelora.MoELoRAConfig(target_modules=["query", "pooler.dense"], modules_to_save=["classifier"],
+                                   num_experts=3, top_k=2, rank=2, seed=0)
+    module, data = make(tmp_path, method=method)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        out = module.predict_step(batch, 0)
+    assert out["routing"] and all(r.shape[:2] == batch["input_ids"].shape for r in out["routing"].values())
+    assert not any("pooler" in name for name in out["routing"])
+
+
+def test_empty_task_id_cells_mean_no_task(tmp_path):
+    rows = [{"text": f"t{i}", "label": i % 2, "task_id": None if i % 3 == 0 else i % 2} for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = TextDataModule(dataset=str(tmp_path / "d.jsonl"), batch_size=20, val_fraction=0.1, seed=0)
+    data.setup("fit")
+    batch = data.collate(list(data.train_set))
+    assert set(batch["task_ids"].tolist()) == {-1, 0, 1}
+
+
+def test_num_labels_below_two_is_refused_for_classification():
+    with pytest.raises(ValueError, match="model.num_labels=1 is invalid"):
+        MoELoRAModule(moelora.MoELoRAConfig(target_modules=["query"]), num_labels=1)
+
+
+def test_held_out_splits_come_from_the_hub_dataset_and_empty_files_are_named(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, split=None, **kw):
+        calls.append((name, split))
+        return datasets.Dataset.from_list([{"text": f"{split} {i}", "label": i % 2} for i in range(10)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    data = TextDataModule(dataset="some/hub-set", validation="test", test="test", batch_size=4)
+    data.setup("fit")
+    assert calls == [("some/hub-set", "train"), ("some/hub-set", "test"), ("some/hub-set", "test")]
+    monkeypatch.undo()
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match="data.validation='test' is not a data file"):
+        TextDataModule(dataset=str(tmp_path / "d.jsonl"), validation="test").setup("fit")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "header.csv").write_text("text,label\n")
+    for name in ("empty.jsonl", "header.csv"):
+        with pytest.raises(ValueError, match=f"data file {tmp_path / name}"):
+            TextDataModule(dataset=str(tmp_path / name)).setup("fit")
+
+
+def test_mid_epoch_resume_does_not_warn_that_the_loader_is_not_resumable(tmp_path, recwarn):
+    module, data = make(tmp_path)
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1)
+    lightning_trainer(tmp_path / "b", 3, [ckpt_cb]).fit(module, data)
+    module, data = make(tmp_path)
+    recwarn.clear()
+    lightning_trainer(tmp_path / "c", 5).fit(module, data, ckpt_path=tmp_path / "ck" / "epoch=0-step=3.ckpt")
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]

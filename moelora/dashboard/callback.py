@@ -16,7 +16,7 @@ import torch
 
 from moelora.layer import MoELoRALinear, wrapped_layers
 
-from .store import STORE_DIR, RoutingStore, record_problem
+from .store import RECORDS, STORE_DIR, RoutingStore, record_problem
 
 
 def _jsonable(values: Any) -> dict[str, Any]:
@@ -52,6 +52,22 @@ def _expert_names(layer, config: Any) -> list[str] | None:
     if len(provenance) == e and all(isinstance(p, dict) and "name" in p for p in provenance):
         return [str(p["name"]) for p in provenance]
     return None
+
+
+def _move_earlier_run(root: Path) -> None:
+    """A fresh ``fit`` (not resuming) whose log dir already holds another run's routing (a fixed
+    logger version): that store is moved to ``routing.1`` (the first free number), so the new run's
+    windows are not added to the old ones and nothing is lost."""
+    if not (root / RECORDS).is_file() or (root / RECORDS).stat().st_size == 0:
+        return
+    n = 1
+    while root.with_name(f"{root.name}.{n}").exists():
+        n += 1
+    target = root.with_name(f"{root.name}.{n}")
+    root.rename(target)
+    warnings.warn(f"RoutingDashboard: {root.parent} already held the routing of an earlier run, which this fresh "
+                  f"fit would have added to; it was moved to {target}. Resume with --ckpt_path to continue a "
+                  "run, or give each run its own log dir.", UserWarning, stacklevel=2)
 
 
 class RoutingDashboard(L.Callback):
@@ -107,6 +123,8 @@ class RoutingDashboard(L.Callback):
             return
         self.log_dir = Path(log_dir or trainer.default_root_dir)
         if self.store is None or self.store.root != self.log_dir / STORE_DIR:
+            if stage == "fit" and getattr(trainer, "ckpt_path", None) is None:
+                _move_earlier_run(self.log_dir / STORE_DIR)
             self.store = RoutingStore(self.log_dir / STORE_DIR)
         self.store.write_meta(self._meta(trainer, pl_module, stage))
 

@@ -38,7 +38,8 @@ class RoutingLogger(L.Callback):
 
     Keys are bounded: ``routing/<layer>/<metric>`` for the four metrics in :data:`METRICS`, plus
     their means over layers. At the end of ``fit`` the run's cumulative statistics go to
-    ``<log_dir>/routing_stats.json``.
+    ``<log_dir>/routing_stats.json``: those of this ``fit`` (the tracker is not in checkpoints, so
+    a resumed run counts from its resume step).
 
     Args:
         every_n_steps: window length in optimizer steps (default: the trainer's log interval).

@@ -27,6 +27,19 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 TASK_KINDS = ("sequence-classification", "causal-lm")
 
 
+class _ResumableLoader(DataLoader):
+    """A ``DataLoader`` Lightning sees as resumable. The position is restored by the datamodule
+    (its ``state_dict`` counts the examples done; ``train_dataloader`` skips them), so the loader
+    itself carries no state. Without these methods Lightning warns on every mid-epoch resume that
+    the results may be unreliable, though the resumed run matches an uninterrupted one exactly."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class EpochSampler(Sampler[int]):
     """Shuffled (or sequential) order seeded by ``(seed, epoch)``; can skip the first indices."""
 
@@ -72,7 +85,14 @@ def load_text_dataset(source: str, *, split: str = "train"):
     if path.suffix.lower() in FILE_BUILDERS:
         if not path.is_file():
             raise FileNotFoundError(f"data file {source} not found")
-        return datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+        try:
+            data = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+        except Exception as err:  # an empty file raises StopIteration, a header-only CSV a builder error
+            raise ValueError(f"data file {source} could not be read as {path.suffix.lower()[1:]}: "
+                             f"{type(err).__name__}: {err or 'no rows'}") from err
+        if len(data) == 0:
+            raise ValueError(f"data file {source} holds no rows.")
+        return data
     if path.exists():
         raise ValueError(f"data file {source} has an unsupported extension; use one of {sorted(FILE_BUILDERS)}")
     return datasets.load_dataset(source, split=split)  # a hub name: needs the network
@@ -84,9 +104,9 @@ class TextDataModule(L.LightningDataModule):
     Args:
         dataset: ``"suite"`` (the bundled multi-task suite), a local ``.json/.jsonl/.csv/.parquet``
             file, or a hub dataset name.
-        validation: a file or hub split for validation; default: the suite's own held-out
-            examples, or ``val_fraction`` of ``dataset``.
-        test: a file or hub split for ``moelora test``; default: for the suite a third held-out
+        validation: a data file, or a split name of the hub ``dataset`` (e.g. ``"test"``), for
+            validation; default: the suite's own held-out examples, or ``val_fraction`` of ``dataset``.
+        test: a data file or a split name of the hub ``dataset`` for ``moelora test``; default: for the suite a third held-out
             draw (``suite_val_per_task`` per task, another seed), otherwise the validation set
             (with a warning: a test score on the data used for model selection is optimistic).
         tokenizer: tokenizer name or path (``"minilm"`` = the bundled one); the CLI links it to
@@ -149,7 +169,7 @@ class TextDataModule(L.LightningDataModule):
             data = load_text_dataset(h.dataset)
             self._check("dataset", data)  # before the split: its errors would name the wrong cause
             if h.validation:
-                self.train_set, self.val_set = data, load_text_dataset(h.validation, split="validation")
+                self.train_set, self.val_set = data, self._held_out("validation", h.validation)
             else:
                 try:
                     split = data.train_test_split(test_size=h.val_fraction, seed=h.seed)
@@ -158,7 +178,7 @@ class TextDataModule(L.LightningDataModule):
                                      f"rows ({err}). Give data.validation a file, or more rows.") from err
                 self.train_set, self.val_set = split["train"], split["test"]
             if h.test:
-                self.test_set = load_text_dataset(h.test, split="test")
+                self.test_set = self._held_out("test", h.test)
         for name, ds in (("validation", self.val_set), ("test", self.test_set)):
             if ds is not None and h.dataset != "suite":
                 self._check(name, ds)
@@ -166,6 +186,16 @@ class TextDataModule(L.LightningDataModule):
         if isinstance(limit, int) and limit < 1_000_000 and h.max_length > limit:
             raise ValueError(f"data.max_length={h.max_length} exceeds the tokenizer's model_max_length={limit} "
                              "(the backbone's positions); set data.max_length <= that.")
+
+    def _held_out(self, name: str, source: str):
+        """``data.validation`` / ``data.test``: a data file, or a split of the hub ``data.dataset``."""
+        dataset = self.hparams.dataset
+        if Path(source).suffix.lower() in FILE_BUILDERS or Path(source).exists():
+            return load_text_dataset(source)
+        if Path(dataset).suffix.lower() in FILE_BUILDERS:
+            raise ValueError(f"data.{name}={source!r} is not a data file ({sorted(FILE_BUILDERS)}); a split name "
+                             f"only applies to a hub dataset, and data.dataset is the file {dataset}.")
+        return load_text_dataset(dataset, split=source)
 
     def _check(self, name: str, ds) -> None:
         h = self.hparams
@@ -191,16 +221,18 @@ class TextDataModule(L.LightningDataModule):
         else:
             batch["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         if h.task_column and all(h.task_column in r for r in rows):
-            batch["task_ids"] = torch.tensor([int(r[h.task_column]) for r in rows])
+            # An empty cell (None) is "no task", as a negative id is (check_rows lets both through).
+            batch["task_ids"] = torch.tensor([-1 if r[h.task_column] is None else int(r[h.task_column])
+                                              for r in rows])
         return batch
 
     def _loader(self, dataset, *, shuffle: bool) -> DataLoader:
         sampler = EpochSampler(len(dataset), seed=self.hparams.seed, shuffle=shuffle)
         # An own generator: otherwise each new iterator draws its base seed from the global RNG,
         # which a resumed run would do at a different moment than the uninterrupted one.
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
-                          collate_fn=self.collate, num_workers=self.hparams.num_workers,
-                          generator=torch.Generator().manual_seed(self.hparams.seed))
+        return _ResumableLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                                collate_fn=self.collate, num_workers=self.hparams.num_workers,
+                                generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_set, shuffle=True)

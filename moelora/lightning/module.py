@@ -79,6 +79,11 @@ class MoELoRAModule(L.LightningModule):
         super().__init__()
         if task not in TASK_KINDS:
             raise ValueError(f"model.task={task!r} is invalid: expected one of {TASK_KINDS}")
+        if task == "sequence-classification" and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
+                                                  or num_labels < 2):
+            # transformers turns num_labels=1 into a regression head (MSE loss); accuracy is an argmax.
+            raise ValueError(f"model.num_labels={num_labels!r} is invalid: sequence classification needs an "
+                             "integer >= 2 (num_labels=1 would make transformers build a regression head).")
         self.method = config_from_dict(method) if isinstance(method, dict) else method
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.save_hyperparameters(ignore=["method", "optimizer", "scheduler"])
@@ -146,11 +151,13 @@ class MoELoRAModule(L.LightningModule):
         self._shared_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        """Predictions plus each wrapped layer's per-token expert choice ``[B, S, k]``."""
+        """Predictions plus each wrapped layer's per-token expert choice ``[B, S, k]``. Layers that do
+        not see every token (BERT's pooler, a head on the pooled vector) are left out."""
         out = self(batch)
         shape = batch["input_ids"].shape
         routing = {layer.name: layer.last_expert_ids.view(*shape, -1).cpu()
-                   for layer in moelora.wrapped_layers(self.model) if layer.last_expert_ids is not None}
+                   for layer in moelora.wrapped_layers(self.model)
+                   if layer.last_expert_ids is not None and layer.last_expert_ids.shape[0] == shape.numel()}
         preds = out.logits.argmax(-1).cpu()
         return {"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
                 "predictions": preds, "routing": routing}
