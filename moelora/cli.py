@@ -126,6 +126,25 @@ def _resolve_configs(argv: list[str]) -> list[str]:
     return out
 
 
+def _check_class_paths(argv: list[str]) -> None:
+    """A ``--model.method.class_path X`` override naming no method config: exit with that said.
+    jsonargparse itself fails with a bare ``AttributeError`` on it (the ``method`` argument is a
+    union with ``dict``)."""
+    import moelora  # noqa: F401  (registers every method config)
+    from moelora.config import method_class
+
+    flag = "--model.method.class_path"
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == flag and i + 1 < len(argv) else \
+            arg.split("=", 1)[1] if arg.startswith(flag + "=") else None
+        if value is not None and "." in value:
+            try:
+                method_class(value)
+            except ValueError as err:
+                print(f"moelora: error: {flag} {value}: {err}", file=sys.stderr)
+                sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -134,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("extra commands: " + ", ".join(EXTRA_COMMANDS) + " (moelora <command> --help)\n")
     argv = _resolve_configs(argv)
+    _check_class_paths(argv)
     if from_command_line:
         # LightningCLI reads sys.argv itself: passing a list that differs from it warns on every run.
         sys.argv[1:] = argv

@@ -203,13 +203,11 @@ def config_from_dict(data: dict[str, Any]) -> MoELoRAConfig:
     return _CONFIG_REGISTRY[method].from_dict(data)
 
 
-def _from_class_path(data: dict[str, Any]) -> MoELoRAConfig:
-    """The config named by ``data["class_path"]`` built from ``data["init_args"]``, with the bad
-    class path or the unknown fields named (the CLI's own message is only "not a valid dict")."""
+def method_class(path: Any) -> type[MoELoRAConfig]:
+    """The method config class a dotted ``class_path`` (``moelora.SiRAConfig``) names; a
+    ``ValueError`` naming it and the known ones when it names none."""
     import importlib
 
-    path = data["class_path"]
-    known = sorted(f"moelora.{cls.__name__}" for cls in _CONFIG_REGISTRY.values())
     cls = None
     if isinstance(path, str) and "." in path:
         module_name, _, name = path.rpartition(".")
@@ -218,7 +216,16 @@ def _from_class_path(data: dict[str, Any]) -> MoELoRAConfig:
         except ImportError:
             cls = None
     if not (isinstance(cls, type) and issubclass(cls, MoELoRAConfig)):
+        known = sorted(f"moelora.{c.__name__}" for c in _CONFIG_REGISTRY.values())
         raise ValueError(f"method class_path {path!r} is not a moelora method config; use one of {known}.")
+    return cls
+
+
+def _from_class_path(data: dict[str, Any]) -> MoELoRAConfig:
+    """The config named by ``data["class_path"]`` built from ``data["init_args"]``, with the bad
+    class path or the unknown fields named (the CLI's own message is only "not a valid dict")."""
+    path = data["class_path"]
+    cls = method_class(path)
     args = data.get("init_args") or {}
     if not isinstance(args, dict):
         raise ValueError(f"method init_args for {path} must be a mapping of config fields, got {args!r}.")

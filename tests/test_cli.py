@@ -74,10 +74,13 @@ def test_print_config(tmp_path, monkeypatch, capsys):
     ("--model.method.init_args.rank=0", "rank"),
     ("--data.batch_size=0", "batch_size"),
     ("--model.method.init_args.num_expert=4", "['num_expert'] is no field"),  # a typo, not "method None"
+    # a bad class path as an override: jsonargparse's own error was a bare AttributeError
+    ("--model.method.class_path=moelora.SiraConfig", "'moelora.SiraConfig' is not a moelora method config"),
+    ("--model.method.class_path moelora.Nope", "'moelora.Nope' is not a moelora method config"),
 ])
 def test_bad_value_fails_naming_the_field(tmp_path, override, field):
     demo = [p for p in CONFIGS if p.name == "demo.yaml"][0]
-    proc = subprocess.run([sys.executable, "-m", "moelora.cli", "fit", "-c", str(demo), override,
+    proc = subprocess.run([sys.executable, "-m", "moelora.cli", "fit", "-c", str(demo), *override.split(" "),
                            "--trainer.max_steps=1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert field in proc.stderr
