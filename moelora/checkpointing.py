@@ -106,12 +106,13 @@ class ReplayingCheckpoint:
 def checkpoint(model: nn.Module, function: Callable[..., Any], *args, use_reentrant: bool = False,
                **kwargs) -> Any:
     """``torch.utils.checkpoint.checkpoint(function, *args, **kwargs)`` for a block of an injected
-    ``model``, whose recomputation in backward uses the token mask of the forward that ran it.
+    ``model``, whose recomputation in backward routes as the forward that ran it did (its
+    :class:`ForwardContext`: token mask, task ids, ``disable_adapters`` / ``select_experts``).
 
     Use it for blocks you checkpoint yourself inside the model's forward (transformers'
     ``gradient_checkpointing_enable`` is handled already). A plain ``torch.utils.checkpoint``
-    recomputes with whatever mask the last forward left, which is wrong when two forwards share
-    one backward and their padding differs.
+    recomputes with whatever the last forward left, which is wrong when two forwards share one
+    backward and their padding differs, or when backward runs after such a block has ended.
 
     Args:
         model: the injected model (the one ``moelora.inject`` returned) that ``function`` is part of.

@@ -263,36 +263,6 @@ def test_checkpointed_gradients_equal_plain_ones_with_padding(token_ids):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_two_checkpointed_forwards_sharing_one_backward_replay_their_own_masks():
-    # SiRA's capacity counts real tokens only. Recomputed in backward, forward 1 used to read
-    # forward 2's mask (the last one), so padding took capacity and other slots were dropped.
-    cfg = moelora.SiRAConfig(target_modules="all-linear", num_experts=4, top_k=2, rank=4, seed=0,
-                             min_capacity=0, capacity_factor=1.0, expert_dropout=0.0)
-    base = moelora.inject(tiny_llama(), cfg)
-    with torch.no_grad():
-        for layer in moelora.wrapped_layers(base):
-            layer.bank.Bt.normal_(0, 0.3)
-    g = torch.Generator().manual_seed(0)
-    ids1, ids2 = torch.randint(3, 97, (2, 10), generator=g), torch.randint(3, 97, (2, 12), generator=g)
-    m1, m2 = torch.ones_like(ids1), torch.ones_like(ids2)
-    m1[1, :5] = 0
-    grads = []
-    for checkpointing in (False, True):
-        model = copy.deepcopy(base).train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        l1 = model(input_ids=ids1, attention_mask=m1, labels=ids1.masked_fill(m1 == 0, -100)).loss
-        l2 = model(input_ids=ids2, attention_mask=m2, labels=ids2).loss
-        (l1 + l2).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
-    moelora.unwrap(model)
-    assert not any(type(m.__dict__.get("_gradient_checkpointing_func")).__name__ == "ReplayingCheckpoint"
-                   for m in model.modules()), "unwrap restores transformers' checkpoint function"
-
-
 def _sira_pair_setup():
     """A SiRA model (capacity counts real tokens only) and two batches with different padding."""
     cfg = moelora.SiRAConfig(target_modules="all-linear", num_experts=4, top_k=2, rank=4, seed=0,
@@ -315,6 +285,24 @@ def _pair_grads(model, batches, call=None):
                                                            use_cache=False))
     sum(call(model, *batch).loss for batch in batches).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_two_checkpointed_forwards_sharing_one_backward_replay_their_own_masks():
+    # SiRA's capacity counts real tokens only. Recomputed in backward, forward 1 used to read
+    # forward 2's mask (the last one), so padding took capacity and other slots were dropped.
+    base, *batches = _sira_pair_setup()
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        grads.append(_pair_grads(model, batches))
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+    moelora.unwrap(model)
+    assert not any(type(m.__dict__.get("_gradient_checkpointing_func")).__name__ == "ReplayingCheckpoint"
+                   for m in model.modules()), "unwrap restores transformers' checkpoint function"
 
 
 @pytest.mark.parametrize("how", ["blocks", "whole model"])
