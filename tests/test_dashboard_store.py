@@ -187,6 +187,20 @@ def test_layer_vectors_hold_finite_json_numbers_only(value, ok):
     assert (record_problem(json.loads(json.dumps(rec))) is None) is ok
 
 
+def test_windows_whose_expert_count_changes_are_skipped_with_the_reason(tmp_path):
+    # Two runs appended to one store (older versions did that) gave raw shape errors in the report.
+    from moelora.dashboard.report import build_report
+
+    store = RoutingStore(tmp_path / "routing")
+    store.write_meta({"layers": [{"name": "l", "label": "l", "num_experts": 4, "top_k": 2}]})
+    store.append_window("train", 1, {"l": random_stats(1)})
+    store.append_window("train", 2, {"l": random_stats(2, num_experts=8)})
+    got = read_store(tmp_path)
+    assert [w.step for w in got.windows] == [1]
+    assert "gives layer l 8 experts where earlier windows gave 4" in got.problems[0]
+    assert "8 experts where earlier windows gave 4" in build_report(tmp_path).read_text()
+
+
 _WRITER = """
 import sys, torch
 from moelora.balance import LoadTracker

@@ -249,8 +249,17 @@ def read_store(path: str | os.PathLike) -> StoreContents:
     records, bad = read_records(root / RECORDS)
     out = StoreContents(meta=meta, problems=problems + bad)
     out.meta.setdefault("store", str(root))
+    widths: dict[str, int] = {}  # a layer keeps one expert count for a whole run (pruned experts stay numbered)
     for rec in records:
         if rec["kind"] == "window":
+            odd = [(n, len(d["counts"]), widths[n]) for n, d in rec["layers"].items()
+                   if widths.setdefault(n, len(d["counts"])) != len(d["counts"])]
+            if odd:
+                name, got, first = odd[0]
+                out.problems.append(f"{RECORDS}: the {rec['stage']} window at step {rec['step']} gives layer {name} "
+                                    f"{got} experts where earlier windows gave {first} (a store holding two runs?); "
+                                    "skipped")
+                continue
             out.windows.append(Window(rec["stage"], rec["step"], rec.get("epoch"), rec.get("time"),
                                       {n: decode_layer(d) for n, d in rec["layers"].items()}))
         elif rec["kind"] == "gates":
