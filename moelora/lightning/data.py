@@ -106,9 +106,10 @@ class TextDataModule(L.LightningDataModule):
             file, or a hub dataset name.
         validation: a data file, or a split name of the hub ``dataset`` (e.g. ``"test"``), for
             validation; default: the suite's own held-out examples, or ``val_fraction`` of ``dataset``.
-        test: a data file or a split name of the hub ``dataset`` for ``moelora test``; default: for the suite a third held-out
-            draw (``suite_val_per_task`` per task, another seed), otherwise the validation set
-            (with a warning: a test score on the data used for model selection is optimistic).
+        test: a data file or a split name of the hub ``dataset`` for ``moelora test``; default:
+            for the suite a third held-out draw (``suite_val_per_task`` per task, another seed),
+            otherwise the validation set (with a warning: a test score on the data used for
+            model selection is optimistic).
         tokenizer: tokenizer name or path (``"minilm"`` = the bundled one); the CLI links it to
             ``model.backbone``.
         task: ``"sequence-classification"`` or ``"causal-lm"`` (the CLI links it to ``model.task``).
