@@ -10,8 +10,8 @@ therefore carries the :class:`ForwardContext` of the forward that made it into i
 
 * transformers' own checkpointing (``model.gradient_checkpointing_enable()``) needs nothing:
   ``inject`` wraps each layer's ``_gradient_checkpointing_func`` in :class:`ReplayingCheckpoint`.
-* a block you checkpoint yourself inside the model's forward: call :func:`checkpoint` where you
-  would call ``torch.utils.checkpoint.checkpoint``.
+* anything you checkpoint yourself (a block inside the model's forward, or the whole model):
+  call :func:`checkpoint` where you would call ``torch.utils.checkpoint.checkpoint``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ from typing import Any
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from . import expert_space as space
 from .state import AdapterState, get_state
+
+
+#: ``select_experts`` routing: ``(router, layer name, model-wide expert weights)`` per gate.
+Forcing = tuple[tuple[nn.Module, str, Tensor], ...]
 
 
 @dataclass(frozen=True)
@@ -34,13 +39,13 @@ class ForwardContext:
         mask: the token mask (``state.token_mask``).
         enabled: ``False`` inside :func:`moelora.disable_adapters`.
         task_ids: the ids :func:`moelora.set_task_ids` gave this forward (MeteoRA gate supervision).
-        forcing: ``(router, forced routing)`` pairs of :func:`moelora.select_experts`, or ``None``.
+        forcing: the :func:`moelora.select_experts` routing (see :func:`set_forcing`), or ``None``.
     """
 
     mask: Tensor | None
     enabled: bool
     task_ids: Tensor | None
-    forcing: tuple[tuple[nn.Module, Tensor], ...] | None
+    forcing: Forcing | None
 
     @classmethod
     def capture(cls, state: AdapterState) -> ForwardContext:
@@ -51,15 +56,17 @@ class ForwardContext:
         return cls(state.token_mask, state.enabled, state.task_ids, state.forcing)
 
 
-def set_forcing(state: AdapterState, forcing: tuple[tuple[nn.Module, Tensor], ...] | None) -> None:
-    """Make ``forcing`` the forced routing in effect: routers it names get their routing, routers
-    forced now and not named in it are released (``forced = None``)."""
-    named = {id(router) for router, _ in forcing or ()}
-    for router, _ in state.forcing or ():
+def set_forcing(state: AdapterState, forcing: Forcing | None) -> None:
+    """Make ``forcing`` the forced routing in effect: ``(router, layer name, model-wide expert
+    weights)`` entries; each router gets the weights of the experts its layer still has (the
+    layer's numbering is read now, so a WeightLoRA disconnection in between is followed). Routers
+    forced now and not named in ``forcing`` are released (``forced = None``)."""
+    named = {id(router) for router, _, _ in forcing or ()}
+    for router, _, _ in state.forcing or ():
         if id(router) not in named:
             router.forced = None
-    for router, routing in forcing or ():
-        router.forced = routing
+    for router, layer_name, weights in forcing or ():
+        router.forced = space.to_layer(weights, space.layer_origin(state.config, layer_name))
     state.forcing = forcing
 
 
@@ -109,10 +116,11 @@ def checkpoint(model: nn.Module, function: Callable[..., Any], *args, use_reentr
     ``model``, whose recomputation in backward routes as the forward that ran it did (its
     :class:`ForwardContext`: token mask, task ids, ``disable_adapters`` / ``select_experts``).
 
-    Use it for blocks you checkpoint yourself inside the model's forward (transformers'
-    ``gradient_checkpointing_enable`` is handled already). A plain ``torch.utils.checkpoint``
-    recomputes with whatever the last forward left, which is wrong when two forwards share one
-    backward and their padding differs, or when backward runs after such a block has ended.
+    Use it for anything you checkpoint yourself: a block inside the model's forward, or the
+    whole model at once (transformers' ``gradient_checkpointing_enable`` is handled already). A
+    plain ``torch.utils.checkpoint`` recomputes with whatever the last forward left, which is wrong
+    when two forwards share one backward and their padding or task ids differ, or when backward
+    runs after a ``disable_adapters`` / ``select_experts`` block has ended.
 
     Args:
         model: the injected model (the one ``moelora.inject`` returned) that ``function`` is part of.

@@ -34,8 +34,8 @@ class AdapterState:
         replay: while a checkpointed block runs, the
             :class:`~moelora.checkpointing.ForwardContext` of the forward that made the checkpoint
             (its token mask is read on recomputation); ``None`` outside one.
-        forcing: ``(router, forced routing)`` pairs that :func:`moelora.select_experts` set for
-            the forward in progress (``None`` outside it); a recomputation replays them.
+        forcing: ``(router, layer name, model-wide expert weights)`` entries that
+            :func:`moelora.select_experts` set (``None`` outside it); a recomputation replays them.
         task_ids: int64 task ids of the current forward, one per token, shaped as given to
             :func:`moelora.set_task_ids` (``[batch, seq]`` or ``[T]``; negative = none); MeteoRA
             gates supervise on them, statistics group by them. Read them with :meth:`task_ids_for`.
@@ -53,7 +53,7 @@ class AdapterState:
     task_ids: Tensor | None = None
     replay: Any = None
     in_forward: bool = False
-    forcing: tuple[tuple[nn.Module, Tensor], ...] | None = None
+    forcing: tuple[tuple[nn.Module, str, Tensor], ...] | None = None
 
     def mask_for(self, num_tokens: int, *, recomputing: bool = False) -> Tensor | None:
         """The token mask of this forward (or, when ``recomputing``, of the forward being

@@ -142,6 +142,23 @@ def test_two_checkpointed_forwards_replay_their_own_task_ids(llama_adapters):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_whole_model_checkpointed_at_once_keeps_its_task_ids(llama_adapters, token_ids):
+    # The recomputed forward's pre-hook used to drop the ids as "set for an earlier forward", so the
+    # recomputation skipped the gate loss (CheckpointError: a different number of saved tensors).
+    tasks = torch.randint(0, 3, token_ids.shape, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for checkpointing in (False, True):
+        model = moelora.from_lora_adapters(tiny_llama(), llama_adapters,
+                                           config=moelora.MeteoRAConfig(top_k=2, gate_loss_coef=1.0, seed=0)).train()
+        moelora.set_task_ids(model, tasks)
+        run = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
+        loss = moelora.checkpoint(model, run, token_ids) if checkpointing else run(token_ids)
+        (loss + moelora.aux_loss(model)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_one_hot_gates_give_each_peft_adapter_on_minilm(tmp_path, minilm_tokenizer):
     from transformers import AutoModel
 

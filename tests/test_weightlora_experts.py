@@ -295,3 +295,51 @@ def test_pruned_fusion_supervises_each_gate_in_its_own_numbering(tmp_path, token
         want = torch.nn.functional.cross_entropy(logits[keep], local[keep]) / gates
         moelora.set_task_ids(model, tasks)
         torch.testing.assert_close(gate._gate_loss(logits, None), want)
+
+
+def test_thresholded_fusion_supervises_its_gates_like_the_disconnected_one(tmp_path, token_ids):
+    # Between hard thresholding and disconnection the gates route over the kept experts only; their
+    # supervision used task ids in the full numbering there (IndexError: target out of bounds).
+    model = gated_fusion(three_adapters(tiny_llama(), tmp_path), gate_loss_coef=1.0).train()
+    set_omega(model, [0.2, 1.5, 1.0])
+    weightlora.hard_threshold(model)
+    tasks = torch.tensor([[0, 1, 2, 0, -1, 2, 1], [2, 2, 0, 1, 1, 0, -1]])[:, :token_ids.shape[1]]
+    moelora.set_task_ids(model, tasks)
+    thresholded = model(input_ids=token_ids).logits, moelora.aux_loss(model)
+    weightlora.disconnect(model)                       # the same experts, physically removed
+    moelora.set_task_ids(model, tasks)
+    disconnected = model(input_ids=token_ids).logits, moelora.aux_loss(model)
+    assert thresholded[1] > 0
+    torch.testing.assert_close(thresholded, disconnected, atol=1e-6, rtol=0)
+
+
+def test_disconnecting_inside_select_experts_keeps_the_forced_routing_consistent(tmp_path, token_ids):
+    # The forced routings select_experts keeps for replay (and for an outer block) are read in each
+    # layer's numbering when applied, so a disconnection inside the block is followed.
+    adapters = three_adapters(tiny_llama(), tmp_path)
+    mix = {"a": 1.0, "b": 0.5, "c": 0.7}
+
+    def fresh():
+        model = gated_fusion(adapters, train_loras=True)
+        set_omega(model, [1.5, 1.0, 0.2])
+        return model.train()
+
+    grads = []
+    for checkpointing in (False, True):
+        model = fresh()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with moelora.select_experts(model, mix):
+            weightlora.disconnect(model)
+            loss = model(input_ids=token_ids, labels=token_ids).loss
+        loss.backward()   # recomputed after the block: replays the mix in the pruned numbering
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+    model, reference = fresh().eval(), fresh().eval()
+    weightlora.disconnect(reference)
+    with moelora.select_experts(model, mix):
+        with moelora.select_experts(model, "a"):
+            weightlora.disconnect(model)
+        with moelora.select_experts(reference, mix):   # back in the outer block, in the pruned numbering
+            torch.testing.assert_close(eval_logits(model, token_ids), eval_logits(reference, token_ids))

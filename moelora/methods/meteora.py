@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from moelora import expert_space as space
+from moelora.balance import recomputing
 from moelora.checkpointing import set_forcing
 from moelora.config import MoELoRAConfig, _fail, _is_number, register_config
 from moelora.inject import attach_adapter, build_adapter
@@ -303,6 +304,8 @@ class _TaskIdConsumer:
         self.state, self.seen = state, None
 
     def __call__(self, module, args, kwargs):
+        if recomputing():  # the model's forward run again in backward (checkpointed as a whole)
+            return
         if self.state.task_ids is not None and self.state.task_ids is self.seen:
             self.state.task_ids = None  # set for an earlier forward: never reuse it
         self.seen = ids = self.state.task_ids
@@ -452,10 +455,10 @@ def select_experts(model: nn.Module, weights: Any) -> Iterator[nn.Module]:
         raise ValueError("select_experts needs a MeteoRA model (built with moelora.from_lora_adapters).")
     forced = resolve_expert_weights(expert_names(model), weights).float()
     state = get_state(model)
-    # a layer that dropped an adapter (WeightLoRA) routes only to what it kept
-    forcing = tuple((r, space.to_layer(forced, space.layer_origin(state.config, layer.name))) for layer, r in gates)
     previous = state.forcing
-    set_forcing(state, forcing)  # kept in the state too: checkpoint recomputations replay it
+    # Kept in the state: checkpoint recomputations replay it. Each layer gets the weights of the
+    # adapters it still has (WeightLoRA may drop some), in its own numbering.
+    set_forcing(state, tuple((r, layer.name, forced) for layer, r in gates))
     try:
         yield model
     finally:
