@@ -118,18 +118,19 @@ class OmegaRouter(nn.Module):
         inner, e = self.inner, self.num_experts
         index = device_constant(subset, self.omega.device)
         rows = {name: t.index_select(0, index.to(t.device)) for name, t in expert_rows(inner, e).items()}
+        supervised = hasattr(inner, "task_lookup")  # a MeteoRA gate
         saved = inner.num_experts, inner.top_k, getattr(inner, "task_lookup", None)
         inner.num_experts, inner.top_k = len(subset), min(inner.top_k, len(subset))
-        if hasattr(inner, "task_lookup"):
-            # MeteoRA's gate supervision names experts in the bank's numbering (through its lookup
-            # when some adapters are absent from this layer); here the gate sees only ``subset``.
+        if supervised:
+            # Its supervision names experts in the bank's numbering (through its lookup when some
+            # adapters are absent from this layer); here the gate sees only ``subset``.
             position = {expert: i for i, expert in enumerate(subset)}
             inner.task_lookup = tuple(position.get(b, -1) for b in (saved[2] or range(e)))
         try:
             r = torch.func.functional_call(inner, rows, (x,), {"token_mask": token_mask}, strict=False)
         finally:
             inner.num_experts, inner.top_k = saved[:2]
-            if hasattr(inner, "task_lookup"):
+            if supervised:
                 inner.task_lookup = saved[2]
         index = index.to(r.expert_ids.device)
         ids = torch.where(r.expert_ids >= 0, index[r.expert_ids.clamp(min=0)], r.expert_ids)

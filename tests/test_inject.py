@@ -270,7 +270,7 @@ def _sira_pair_setup():
     base = moelora.inject(tiny_llama(), cfg)
     with torch.no_grad():
         for layer in moelora.wrapped_layers(base):
-            layer.bank.Bt.normal_(0, 0.3)
+            layer.bank.Bt.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     ids1, ids2 = torch.randint(3, 97, (2, 10), generator=g), torch.randint(3, 97, (2, 12), generator=g)
     m1, m2 = torch.ones_like(ids1), torch.ones_like(ids2)
