@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import check_operands, device_constant, differentiable_grads, resolve_backend, triton_ops
+from .ops import (autocast_off, check_operands, device_constant, differentiable_grads, resolve_backend,
+                  triton_ops, without_autocast)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class _GroupedLoRAFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_y):
         x, A, Bt, hs, weights, expert_ids, scale_e, roff_t, ssi, bexp, boff = ctx.saved_tensors
         need_x, need_A, need_Bt, need_w = ctx.needs_input_grad[:4]
@@ -239,6 +241,7 @@ def grouped_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: 
                          f"E={plan.num_experts}; the routing has {expert_ids.numel()} slots, "
                          f"k={expert_ids.shape[1]}, E={E}. Rebuild it with build_routing_plan.")
     roff_t = device_constant(offsets, x.device, torch.int32)
-    return _GroupedLoRAFn.apply(x, A, Bt, weights.to(A.dtype), expert_ids, scale.to(A.dtype), roff_t,
-                                plan.sorted_slot_ids, plan.block_expert, plan.block_offsets,
-                                tuple(offsets), plan.block_m, impl, not deterministic)
+    with autocast_off(x.device.type):
+        return _GroupedLoRAFn.apply(x, A, Bt, weights.to(A.dtype), expert_ids, scale.to(A.dtype), roff_t,
+                                    plan.sorted_slot_ids, plan.block_expert, plan.block_offsets,
+                                    tuple(offsets), plan.block_m, impl, not deterministic)

@@ -16,6 +16,8 @@ rank exceeds :data:`DENSE_MAX_RANK` for the implementation it runs (see that con
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -94,6 +96,30 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 
 
 _CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def autocast_off(device_type: str):
+    """Context in which autocast is off on ``device_type`` (a no-op where autocast does not exist).
+
+    Routers and the expert ops choose their own precision (fp32 logits; fp32 ``h`` and rank
+    scores; fp32 accumulation). Inside a bf16/fp16 autocast region every matmul would otherwise be
+    recast to low precision despite fp32 operands, so routing and FlyLoRA's rank choice would
+    differ from the same model outside autocast (and the torch twin from the Triton kernels, which
+    autocast never touches)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def without_autocast(backward):
+    """Decorate an ``autograd.Function.backward(ctx, grad, ...)``: run it with autocast off on the
+    gradient's device. Backward runs under whatever autocast state its caller has, not the
+    forward's (which the ops set with :func:`autocast_off`)."""
+    @functools.wraps(backward)
+    def run(ctx, grad, *rest):
+        with autocast_off(grad.device.type):
+            return backward(ctx, grad, *rest)
+    return run
 
 
 def device_constant(values: Sequence[int | float], device: torch.device | str,
@@ -193,6 +219,7 @@ class _GatedLoRAFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_y):
         x, A, Bt, h, weights, expert_ids, col_expert, col_scale = ctx.saved_tensors
         need_x, need_A, need_Bt, need_w = ctx.needs_input_grad[:4]
@@ -274,8 +301,9 @@ def gated_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Te
         return grouped_lora(x, A, Bt, expert_ids, weights, ranks, col_scale[first], backend=impl)
     check_operands("gated_lora", x, A, Bt, expert_ids, num_experts)
     args = (x, A, Bt, weights.to(A.dtype), expert_ids, col_expert, col_scale.to(A.dtype), num_experts, impl)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:4])):
-        # Inference: the same math without an autograd node (Function.apply costs ~20 µs per
-        # call on CPU, a sizeable share of a decode step's per-layer time).
-        return _gated_forward(*args)[0]
-    return _GatedLoRAFn.apply(*args)
+    with autocast_off(x.device.type):
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:4])):
+            # Inference: the same math without an autograd node (Function.apply costs ~20 µs per
+            # call on CPU, a sizeable share of a decode step's per-layer time).
+            return _gated_forward(*args)[0]
+        return _GatedLoRAFn.apply(*args)

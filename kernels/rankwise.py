@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import check_operands, differentiable_grads, resolve_backend, triton_ops
+from .ops import autocast_off, check_operands, differentiable_grads, resolve_backend, triton_ops, without_autocast
 
 
 class _RankwiseLoRAFn(torch.autograd.Function):
@@ -31,6 +31,7 @@ class _RankwiseLoRAFn(torch.autograd.Function):
         return y, idx
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_y, _grad_idx):
         x, A, Bt, h, idx = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0] and ctx.grad_x
@@ -102,4 +103,5 @@ def rankwise_lora(x: Tensor, A: Tensor, Bt: Tensor, k: int, *, bias: Tensor | No
     impl = resolve_backend(backend, x.device, x.dtype)
     if bias is not None:
         bias = bias.detach()
-    return _RankwiseLoRAFn.apply(x, A, Bt, bias, k, score, float(scale), bool(grad_x), impl)
+    with autocast_off(x.device.type):  # fp32 h and rank scores also inside an autocast region
+        return _RankwiseLoRAFn.apply(x, A, Bt, bias, k, score, float(scale), bool(grad_x), impl)

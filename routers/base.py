@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelora.kernels.ops import autocast_off
+
 
 @dataclass
 class Routing:
@@ -47,6 +49,8 @@ def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     Routing is brittle in low precision, so the product runs in ``promote(weight.dtype, fp32)``:
     fp32 for the fp32 router weights that injection creates, and also after the user casts the
     whole model (``model.half()`` turns the router weight half; it is upcast here, not the logits
-    downcast), float64 after ``model.double()``."""
+    downcast), float64 after ``model.double()``. Autocast is off here: it would run the product in
+    bf16/fp16 despite the upcast operands."""
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    with autocast_off(x.device.type):
+        return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelora.kernels.ops import device_constant
+from moelora.kernels.ops import autocast_off, device_constant
 
 from .base import Routing, router_logits
 
@@ -72,9 +72,11 @@ class MeteoRARouter(nn.Module):
         object.__setattr__(self, "_state", state)
 
     def logits(self, x: Tensor) -> Tensor:
-        """``[T, d_in]`` → ``[T, N]`` gate logits, float32 (float64 after ``model.double()``)."""
+        """``[T, d_in]`` → ``[T, N]`` gate logits, float32 (float64 after ``model.double()``), also
+        under autocast."""
         if self.gate.weight.dtype in (torch.float32, torch.float64):
-            return self.gate(x.to(self.gate.weight.dtype))  # through the module: its hooks see the logits
+            with autocast_off(x.device.type):
+                return self.gate(x.to(self.gate.weight.dtype))  # through the module: its hooks see the logits
         return router_logits(x, self.gate.weight, self.gate.bias)  # after model.half(): upcast the gate
 
     def forward(self, x: Tensor, *, token_mask: Tensor | None = None) -> Routing:

@@ -157,15 +157,8 @@ class SiRARouter(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def logits(self, x: Tensor) -> Tensor:
-        """``[T, d_in]`` → ``[T, E]`` float32 logits (routing is brittle in low precision).
-
-        Autocast is switched off here: under a bf16/fp16 autocast region the matmul would
-        otherwise run in low precision despite the fp32 operands.
-        """
-        if not torch.amp.is_autocast_available(x.device.type):  # no autocast there to switch off
-            return router_logits(x, self.weight)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return router_logits(x, self.weight)
+        """``[T, d_in]`` → ``[T, E]`` float32 logits, also under autocast (:func:`router_logits`)."""
+        return router_logits(x, self.weight)
 
     def active_capacity_factor(self) -> float | None:
         """The capacity factor of the current mode (train or eval)."""
