@@ -35,7 +35,8 @@ class FlyLoRARouter(nn.Module):
         count_padding: count padding tokens in ``c`` (the official code does; default no).
 
     Buffers:
-        bias: ``[r]`` float32, persistent (saved with the adapter and in Lightning checkpoints).
+        bias: ``[r]`` float32 (float64 after ``model.double()``; a half-precision cast of the model
+            leaves it float32), persistent (saved with the adapter and in Lightning checkpoints).
     """
 
     def __init__(self, *, num_ranks: int, top_k: int, score: str = "signed", bias_update_rate: float = 1e-3,
@@ -52,6 +53,16 @@ class FlyLoRARouter(nn.Module):
         # checkpoint recompute of that forward (in its backward) must pick the same ranks, or the
         # recomputed mask would not match the forward's output and the gradients would be wrong.
         self._bias_used: Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        # A model-wide cast (model.bfloat16(), Lightning's "bf16-true") would make the bias bf16,
+        # where a ±1e-3 step is lost once |d| ≥ 0.5 (bf16 spacing there is 2⁻⁸): balancing would
+        # silently stop. The bias follows device moves and float64, never a half dtype.
+        before = self.bias
+        super()._apply(fn, recurse)
+        if self.bias.dtype in (torch.bfloat16, torch.float16):
+            self.bias = before.to(device=self.bias.device, dtype=torch.float32)
+        return self
 
     def routing_bias(self, recomputing: bool) -> Tensor:
         """``[r]`` bias for this forward: the current one, or in a recompute the one its forward used."""

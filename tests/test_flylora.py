@@ -426,3 +426,26 @@ def test_layer_on_the_triton_kernels_matches_the_torch_path():
         outs.append((model.fc1.router.bias.clone(), model.fc1.bank.Bt.grad.clone(), xi.grad.clone()))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_cast_keeps_the_balancing_bias_float32():
+    # After model.bfloat16() the bias was bf16: a ±1e-3 step vanished where |d| ≥ 0.5 and was
+    # doubled where 0.25 ≤ |d| < 0.5, so balancing silently stopped or overshot.
+    from moelora.routers.flylora import FlyLoRARouter
+
+    start = torch.tensor([0.6, -0.6, 0.3, -0.3, 0.1, 0.0, 0.7, -0.7])
+    routers = {}
+    for dtype in (None, torch.bfloat16, torch.float16, torch.float64):
+        router = FlyLoRARouter(num_ranks=8, top_k=2, bias_update_rate=1e-3)
+        router.bias.copy_(start)
+        if dtype is not None:
+            router.to(dtype)
+        for _ in range(5):  # ranks 0 and 1 always chosen: they step down, the others up
+            router.update(torch.tensor([[0, 1], [0, 1], [1, 0]]))
+        routers[dtype] = router
+    want = routers[None].bias
+    torch.testing.assert_close(want, start + 5e-3 * torch.tensor([-1, -1, 1, 1, 1, 1, 1, 1.0]))
+    for dtype in (torch.bfloat16, torch.float16):
+        assert routers[dtype].bias.dtype == torch.float32 and torch.equal(routers[dtype].bias, want), dtype
+    assert routers[torch.float64].bias.dtype == torch.float64
+    torch.testing.assert_close(routers[torch.float64].bias.float(), want)
