@@ -233,7 +233,7 @@ class _Segments:
         gate: ``[n]`` gate weight × scale of each sorted slot.
     """
 
-    def __init__(self, expert_ids: Tensor, weights: Tensor, scale_e: Tensor):
+    def __init__(self, expert_ids: Tensor, weights: Tensor, scale_e: Tensor, dtype: torch.dtype):
         E, k = scale_e.numel(), expert_ids.shape[1]
         flat = expert_ids.reshape(-1)
         key = torch.where(flat >= 0, flat, E)
@@ -243,7 +243,8 @@ class _Segments:
         self.slots = torch.argsort(key, stable=True)[:n]
         self.tokens = torch.div(self.slots, k, rounding_mode="floor").split(self.counts)
         self.scale = scale_e.repeat_interleave(counts, output_size=n)
-        self.gate = weights.reshape(-1).index_select(0, self.slots) * self.scale
+        # formed at the weights' and scales' precision, rounded once to the bank's dtype
+        self.gate = (weights.reshape(-1).index_select(0, self.slots) * self.scale).to(dtype)
 
     def experts(self, rank_offsets: tuple[int, ...]):
         """``(e, c, lo, hi)`` per expert with slots and a nonzero rank (rows ``lo:hi``)."""
@@ -289,7 +290,7 @@ def grouped_lora_forward(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, w
     """
     T, k = expert_ids.shape
     r_max, ragged = _ranks(rank_offsets)
-    seg = _Segments(expert_ids, weights, scale_e)
+    seg = _Segments(expert_ids, weights, scale_e, x.dtype)
     hs = _per_slot(x, seg.slots.numel(), r_max, ragged)          # [n, r_max], sorted like the slots
     hs_e, x_buf = hs.split(seg.counts), _workspace(x, seg.counts, x.shape[1])
     for e, c, lo, hi in seg.experts(rank_offsets):
@@ -312,7 +313,7 @@ def grouped_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, hs: 
     not needed). The gate gradient is the ``r_e``-wide dot ``scale_e · <du_slot, h_slot>``."""
     T, k = expert_ids.shape
     r_max, ragged = _ranks(rank_offsets)
-    seg = _Segments(expert_ids, weights, scale_e)
+    seg = _Segments(expert_ids, weights, scale_e, hs.dtype)
     hss = hs.index_select(0, seg.slots)                          # [n, r_max], sorted like the slots
     du = _per_slot(hs, seg.slots.numel(), r_max, ragged)
     du_e = du.split(seg.counts)

@@ -16,6 +16,16 @@ import torch
 from torch import Tensor, nn
 
 
+def keep_full_precision(module: nn.Module, name: str, before: Tensor) -> None:
+    """Undo a half-precision cast of buffer ``name`` after ``module._apply`` (``model.bfloat16()``,
+    ``model.half()``, Lightning's ``"bf16-true"``): it gets back its pre-cast values as float32.
+    Device moves and float64 still apply. For buffers whose low bits matter: expert scales, the
+    FlyLoRA balancing bias."""
+    now = getattr(module, name)
+    if now.dtype in (torch.bfloat16, torch.float16):
+        setattr(module, name, before.to(device=now.device, dtype=torch.float32))
+
+
 class ExpertBank(nn.Module):
     """Stacked LoRA experts with per-expert ranks and output scales.
 
@@ -53,6 +63,12 @@ class ExpertBank(nn.Module):
         col_expert = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks, dtype=torch.long))
         self.register_buffer("col_expert", col_expert.to(device), persistent=False)
         self.reset_parameters(init=init, generator=generator)
+
+    def _apply(self, fn, recurse=True):
+        before = self.scale  # a bf16 alpha/r would bias every expert output (8/3 → 2.671875)
+        super()._apply(fn, recurse)
+        keep_full_precision(self, "scale", before)
+        return self
 
     @property
     def num_experts(self) -> int:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moelora.experts import keep_full_precision
+
 from .base import Routing
 
 SCORES = ("abs", "signed")
@@ -60,8 +62,7 @@ class FlyLoRARouter(nn.Module):
         # silently stop. The bias follows device moves and float64, never a half dtype.
         before = self.bias
         super()._apply(fn, recurse)
-        if self.bias.dtype in (torch.bfloat16, torch.float16):
-            self.bias = before.to(device=self.bias.device, dtype=torch.float32)
+        keep_full_precision(self, "bias", before)
         return self
 
     def routing_bias(self, recomputing: bool) -> Tensor:

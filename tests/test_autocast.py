@@ -94,3 +94,40 @@ def test_gated_op_is_unchanged_by_autocast(rank):
     assert got[0].dtype == torch.float32
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank", [3, 16], ids=["dense-gated", "grouped"])  # E·r = 24 and 128
+def test_bf16_bank_output_is_unbiased_by_its_scale(rank):
+    # alpha/r = 8/3 is 2.671875 in bf16: the ops once rounded the scale to the bank's dtype, which
+    # scaled every expert output by 1.0018 (a bias, not noise: it does not average out).
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, D, generator=g).bfloat16()
+    A = torch.randn(E * rank, D, generator=g).bfloat16()
+    Bt = torch.randn(E * rank, 24, generator=g).bfloat16()
+    ids = torch.randint(0, E, (T, 2), generator=g)
+    w = torch.rand(T, 2, generator=g)
+    col_expert = torch.arange(E).repeat_interleave(rank)
+    y = K.gated_lora(x, A, Bt, ids, w, col_expert, torch.full((E * rank,), 8 / 3), num_experts=E,
+                     backend="torch").double()
+    ref = torch.zeros(T, 24, dtype=torch.float64)
+    for j in range(2):
+        for e in range(E):
+            rows = slice(e * rank, (e + 1) * rank)
+            ref += ((ids[:, j] == e).double() * w[:, j].double() * 8 / 3)[:, None] * (
+                (x.double() @ A[rows].double().t()) @ Bt[rows].double())
+    ratio = float((y * ref).sum() / (ref * ref).sum())
+    assert abs(ratio - 1) < 4e-4, ratio
+
+
+def test_a_half_precision_cast_keeps_expert_scales_exact():
+    import moelora
+    from conftest import tiny_llama
+
+    model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1,
+                                                              rank=6, alpha=16))
+    model.bfloat16()
+    for layer in moelora.wrapped_layers(model):
+        assert layer.bank.A.dtype == torch.bfloat16
+        assert layer.bank.scale.dtype == torch.float32 and torch.equal(layer.bank.scale, torch.full((2,), 16 / 6))
+    model.double()
+    assert all(layer.bank.scale.dtype == torch.float64 for layer in moelora.wrapped_layers(model))
