@@ -107,7 +107,10 @@ def gated_lora_backward(grad_y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, h: Ten
     if need_w:
         # dL/dw[t, j] = scale_e · Σ_{c owned by e = ids[t, j]} du[t, c] · h[t, c]
         per_col = du * h * col_scale
-        per_expert = per_col.new_zeros(per_col.shape[0], num_experts).index_add(1, col_expert, per_col)
+        if num_experts == 1:  # same sum; inductor (torch 2.13, CPU) fails to generate a [T, 1] index_add
+            per_expert = per_col.sum(1, keepdim=True)
+        else:
+            per_expert = per_col.new_zeros(per_col.shape[0], num_experts).index_add(1, col_expert, per_col)
         grad_w = per_expert.gather(1, expert_ids.clamp(min=0).long())
         grad_w = torch.where(expert_ids >= 0, grad_w, 0)
     return grad_x, grad_A, grad_Bt, grad_w

@@ -51,6 +51,24 @@ def test_torch_compile_traces_all_ops_without_graph_breaks(backend):
         assert rel(p.grad, want[n]) < 1e-6, n
 
 
+def test_inductor_compiles_the_backward_of_a_single_expert_bank():
+    # MoA's per-type LoRAs, WeightLoRA's per-head gates and num_experts=1 route to one expert: the
+    # gate gradient's [T, 1] index_add crashed inductor's CPU code generation in loss.backward().
+    torch.manual_seed(0)
+    x, A = torch.randn(14, 32, requires_grad=True), torch.randn(2, 32, requires_grad=True)
+    Bt, w = torch.randn(2, 16, requires_grad=True), torch.rand(14, 1, requires_grad=True)
+    ids, col_expert = torch.zeros(14, 1, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    col_scale = torch.full((2,), 0.5)
+
+    def loss(x, A, Bt, w):
+        return K.gated_lora(x, A, Bt, ids, w, col_expert, col_scale, num_experts=1, backend="torch").square().sum()
+
+    want = torch.autograd.grad(loss(x, A, Bt, w), (x, A, Bt, w))
+    got = torch.autograd.grad(torch.compile(loss, backend="inductor")(x, A, Bt, w), (x, A, Bt, w))
+    for g, e in zip(got, want):
+        assert rel(g, e) < 1e-5
+
+
 @needs_triton
 def test_custom_ops_pass_opcheck():
     """torch.library.opcheck: schema, fake impl vs real outputs, and dispatch under AOT autograd."""
