@@ -167,7 +167,7 @@ class _GroupedLoRAFn(torch.autograd.Function):
             col_expert = torch.repeat_interleave(torch.arange(E, device=x.device), ranks)
 
             def twin(x, A, Bt, w):  # the dense-gated twin computes the same sum
-                gate = reference.column_gate(expert_ids, w, col_expert, scale_e[col_expert], E).to(A.dtype)
+                gate = reference.column_gate(expert_ids, w, col_expert, scale_e[col_expert], E, A.dtype)
                 return reference.gated_lora_forward(x, A, Bt, gate)[0]
 
             return (*differentiable_grads(twin, (x, A, Bt, weights), ctx.needs_input_grad[:4], grad_y),
@@ -241,7 +241,8 @@ def grouped_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: 
                          f"E={plan.num_experts}; the routing has {expert_ids.numel()} slots, "
                          f"k={expert_ids.shape[1]}, E={E}. Rebuild it with build_routing_plan.")
     roff_t = device_constant(offsets, x.device, torch.int32)
+    precise = gate_dtype(A)
     with autocast_off(x.device.type):
-        return _GroupedLoRAFn.apply(x, A, Bt, weights.to(gate_dtype(A)), expert_ids, scale.to(gate_dtype(A)), roff_t,
+        return _GroupedLoRAFn.apply(x, A, Bt, weights.to(precise), expert_ids, scale.to(precise), roff_t,
                                     plan.sorted_slot_ids, plan.block_expert, plan.block_offsets,
                                     tuple(offsets), plan.block_m, impl, not deterministic)

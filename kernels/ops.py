@@ -204,7 +204,7 @@ def _gated_forward(x, A, Bt, weights, expert_ids, col_expert, col_scale, num_exp
         ops = triton_ops()
         h = ops.shrink(x, A)                           # [T, R] fp32
         return ops.gate_expand(h, Bt, expert_ids, weights, col_expert, col_scale, x.dtype), h
-    gate = reference.column_gate(expert_ids, weights, col_expert, col_scale, num_experts).to(A.dtype)
+    gate = reference.column_gate(expert_ids, weights, col_expert, col_scale, num_experts, A.dtype)
     return reference.gated_lora_forward(x, A, Bt, gate)
 
 
@@ -233,7 +233,7 @@ class _GatedLoRAFn(torch.autograd.Function):
         grad_y = grad_y.to(A.dtype)
         if torch.is_grad_enabled():
             def twin(x, A, Bt, w):
-                gate = reference.column_gate(expert_ids, w, col_expert, col_scale, ctx.num_experts).to(A.dtype)
+                gate = reference.column_gate(expert_ids, w, col_expert, col_scale, ctx.num_experts, A.dtype)
                 return reference.gated_lora_forward(x, A, Bt, gate)[0]
 
             return (*differentiable_grads(twin, (x, A, Bt, weights), ctx.needs_input_grad[:4], grad_y),
@@ -253,7 +253,7 @@ class _GatedLoRAFn(torch.autograd.Function):
                 gB = ops.xty(h, grad_y, expert_ids, weights, col_expert, col_scale, Bt.dtype)
         else:
             # The gate is rebuilt (T·k scatter) instead of saved: it is as large as h.
-            gate = reference.column_gate(expert_ids, weights, col_expert, col_scale, ctx.num_experts).to(A.dtype)
+            gate = reference.column_gate(expert_ids, weights, col_expert, col_scale, ctx.num_experts, A.dtype)
             gx, gA, gB, gw = reference.gated_lora_backward(
                 grad_y, x, A, Bt, h, gate, expert_ids, col_expert, col_scale, ctx.num_experts,
                 need_x=need_x, need_A=need_A, need_Bt=need_Bt, need_w=need_w)
@@ -307,8 +307,8 @@ def gated_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Te
         first = device_constant([min(o, A.shape[0] - 1) for o in offsets[:-1]], col_scale.device)
         return grouped_lora(x, A, Bt, expert_ids, weights, ranks, col_scale[first], backend=impl)
     check_operands("gated_lora", x, A, Bt, expert_ids, num_experts)
-    args = (x, A, Bt, weights.to(gate_dtype(A)), expert_ids, col_expert, col_scale.to(gate_dtype(A)), num_experts,
-            impl)
+    precise = gate_dtype(A)
+    args = (x, A, Bt, weights.to(precise), expert_ids, col_expert, col_scale.to(precise), num_experts, impl)
     with autocast_off(x.device.type):
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:4])):
             # Inference: the same math without an autograd node (Function.apply costs ~20 µs per

@@ -53,7 +53,7 @@ def expert_gate(expert_ids: Tensor, weights: Tensor, num_experts: int) -> Tensor
 
 
 def column_gate(expert_ids: Tensor, weights: Tensor, col_expert: Tensor, col_scale: Tensor,
-                num_experts: int) -> Tensor:
+                num_experts: int, dtype: torch.dtype | None = None) -> Tensor:
     """The rank-column gate ``G_s`` (scale folded in).
 
     Args:
@@ -62,11 +62,14 @@ def column_gate(expert_ids: Tensor, weights: Tensor, col_expert: Tensor, col_sca
         col_expert: ``[R]`` int64, owning expert of each rank column.
         col_scale: ``[R]`` float, the owning expert's output scale (alpha / r).
         num_experts: E.
+        dtype: the bank's dtype, or None. The gate is formed at the precision of ``weights`` and
+            ``col_scale`` (at least fp32 from the ops) and rounded once, per element, to it.
 
     Returns:
         ``[T, R]``: ``G_s[t, c] = col_scale[c] · gate[t, col_expert[c]]``.
     """
-    return expert_gate(expert_ids, weights, num_experts)[:, col_expert] * col_scale
+    gate = expert_gate(expert_ids, weights, num_experts)[:, col_expert] * col_scale
+    return gate if dtype is None else gate.to(dtype)
 
 
 def gated_lora_forward(x: Tensor, A: Tensor, Bt: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:

@@ -16,17 +16,25 @@ import torch
 from torch import Tensor, nn
 
 
-def keep_full_precision(module: nn.Module, name: str, before: Tensor) -> None:
-    """Undo a half-precision cast of buffer ``name`` after ``module._apply`` (``model.bfloat16()``,
-    ``model.half()``, Lightning's ``"bf16-true"``): it gets back its pre-cast values as float32.
-    Device moves and float64 still apply. For buffers whose low bits matter: expert scales, the
-    FlyLoRA balancing bias."""
-    now = getattr(module, name)
-    if now.dtype in (torch.bfloat16, torch.float16):
-        setattr(module, name, before.to(device=now.device, dtype=torch.float32))
+class FullPrecisionBuffers:
+    """``nn.Module`` mixin: the buffers named in ``full_precision_buffers`` survive a half-precision
+    cast of the model (``model.bfloat16()``, ``model.half()``, Lightning's ``"bf16-true"``) as their
+    pre-cast float32 values; device moves and float64 still apply. For buffers whose low bits
+    matter: expert scales, the FlyLoRA balancing bias."""
+
+    full_precision_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        before = {name: getattr(self, name) for name in self.full_precision_buffers}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            now = getattr(self, name)
+            if now.dtype in (torch.bfloat16, torch.float16):
+                setattr(self, name, old.to(device=now.device, dtype=torch.float32))
+        return self
 
 
-class ExpertBank(nn.Module):
+class ExpertBank(FullPrecisionBuffers, nn.Module):
     """Stacked LoRA experts with per-expert ranks and output scales.
 
     Args:
@@ -39,6 +47,8 @@ class ExpertBank(nn.Module):
         dtype: parameter dtype.
         generator: optional RNG for reproducible init.
     """
+
+    full_precision_buffers = ("scale",)  # a bf16 alpha/r would bias every expert output (8/3 → 2.671875)
 
     def __init__(self, *, in_features: int, out_features: int, ranks: Sequence[int],
                  scales: Sequence[float], init: str = "kaiming", dtype: torch.dtype = torch.float32,
@@ -63,12 +73,6 @@ class ExpertBank(nn.Module):
         col_expert = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks, dtype=torch.long))
         self.register_buffer("col_expert", col_expert.to(device), persistent=False)
         self.reset_parameters(init=init, generator=generator)
-
-    def _apply(self, fn, recurse=True):
-        before = self.scale  # a bf16 alpha/r would bias every expert output (8/3 → 2.671875)
-        super()._apply(fn, recurse)
-        keep_full_precision(self, "scale", before)
-        return self
 
     @property
     def num_experts(self) -> int:

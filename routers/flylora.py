@@ -19,14 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moelora.experts import keep_full_precision
+from moelora.experts import FullPrecisionBuffers
 
 from .base import Routing
 
 SCORES = ("abs", "signed")
 
 
-class FlyLoRARouter(nn.Module):
+class FlyLoRARouter(FullPrecisionBuffers, nn.Module):
     """The balancing bias ``d [r]`` of one FlyLoRA layer and its sign update.
 
     Args:
@@ -40,6 +40,10 @@ class FlyLoRARouter(nn.Module):
         bias: ``[r]`` float32 (float64 after ``model.double()``; a half-precision cast of the model
             leaves it float32), persistent (saved with the adapter and in Lightning checkpoints).
     """
+
+    # In bf16 a ±1e-3 step is lost once |d| ≥ 0.5 (the spacing there is 2⁻⁸): balancing would
+    # silently stop after model.bfloat16().
+    full_precision_buffers = ("bias",)
 
     def __init__(self, *, num_ranks: int, top_k: int, score: str = "signed", bias_update_rate: float = 1e-3,
                  count_padding: bool = False) -> None:
@@ -55,15 +59,6 @@ class FlyLoRARouter(nn.Module):
         # checkpoint recompute of that forward (in its backward) must pick the same ranks, or the
         # recomputed mask would not match the forward's output and the gradients would be wrong.
         self._bias_used: Tensor | None = None
-
-    def _apply(self, fn, recurse=True):
-        # A model-wide cast (model.bfloat16(), Lightning's "bf16-true") would make the bias bf16,
-        # where a ±1e-3 step is lost once |d| ≥ 0.5 (bf16 spacing there is 2⁻⁸): balancing would
-        # silently stop. The bias follows device moves and float64, never a half dtype.
-        before = self.bias
-        super()._apply(fn, recurse)
-        keep_full_precision(self, "bias", before)
-        return self
 
     def routing_bias(self, recomputing: bool) -> Tensor:
         """``[r]`` bias for this forward: the current one, or in a recompute the one its forward used."""
