@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,13 @@ def z_loss(logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
 
 
 def recomputing() -> bool:
-    """True while autograd runs a backward pass (where checkpointed forwards are recomputed)."""
+    """True while autograd runs a backward pass (where checkpointed forwards are recomputed).
+
+    Always False while ``torch.compile`` traces: a checkpoint inside a compiled region is
+    recomputed from AOT autograd's saved graph, not by running this Python again, and the
+    graph-task id cannot be traced (asking for it broke the graph at every wrapped layer)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -166,15 +173,18 @@ class _Pending:
     """One layer's statistics since they were last settled, on the routing's device.
     ``coactivation`` counts tokens (0/1 per token and expert); ``slots`` ``[E+1]`` counts routed
     slots (the last entry collects empty ones), which differ only where a custom router repeats
-    an expert within a token. Settling writes ``slots`` onto the co-activation's diagonal."""
+    an expert within a token. Settling writes ``slots`` onto the co-activation's diagonal.
+
+    Every field is a tensor updated in place, the counters included: a Python int would be a
+    constant to ``torch.compile``, which then recompiled the model at every forward (its guard
+    ``forwards == n`` failing) until it gave up and ran it eagerly."""
 
     prob_sum: Tensor
     dropped: Tensor
     coactivation: Tensor
     slots: Tensor
-    masked_tokens: Tensor  # 0-d int64: real tokens of the forwards that had a token mask
-    tokens: int = 0  # tokens of the forwards without one (known on the host)
-    forwards: int = 0
+    tokens: Tensor  # 0-d int64: real tokens
+    forwards: Tensor  # 0-d int64
     task_counts: Tensor | None = None
 
     @property
@@ -186,8 +196,15 @@ class _Pending:
         # float64 where the device has it (exact counts past 2**24 slots); MPS has no float64.
         dtype = torch.float32 if device.type == "mps" else torch.float64
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(num_experts), z(num_experts), z(num_experts, num_experts), z(num_experts + 1),
-                   torch.zeros((), dtype=torch.long, device=device))
+        n = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
+        return cls(z(num_experts), z(num_experts), z(num_experts, num_experts), z(num_experts + 1), n(), n())
+
+    def zero_(self) -> None:
+        """Start a new window in place: a compiled model keeps adding into these same tensors."""
+        for t in (self.prob_sum, self.dropped, self.coactivation, self.slots, self.tokens, self.forwards,
+                  self.task_counts):
+            if t is not None:
+                t.zero_()
 
 
 def _outside_inference_mode(method):
@@ -209,11 +226,25 @@ class LoadTracker:
     every forward, and a device sync there would stall the launch queue hundreds of times per
     step. It adds into per-layer accumulators on the routing's device, which are settled into the
     CPU float64 :attr:`layers` when those are read.
+
+    Under ``torch.compile`` the adds are part of the compiled graph (no graph break). The graph
+    only ever adds into accumulators that already exist: settling zeroes them in place rather
+    than replacing them, and a compiled forward that finds a layer without one keeps that
+    layer's routing in a short queue instead, which :meth:`flush` records eagerly (the model's
+    forward pre-hook calls it, so the next forward does). Every forward is counted.
     """
+
+    #: The most routings a compiled model may queue before one is recorded eagerly; past it they
+    #: are dropped (and counted in :attr:`lost_forwards`). Only a compiled model that is never
+    #: called through its top-level forward and whose statistics are never read gets there.
+    MAX_QUEUED = 4096
 
     def __init__(self) -> None:
         self._layers: dict[str, LayerStats] = {}
         self._pending: dict[str, _Pending] = {}
+        self._queued: list[tuple] = []
+        #: Layer forwards of a compiled model that could not be recorded (see :attr:`MAX_QUEUED`).
+        self.lost_forwards = 0
         #: Set False to stop recording (the counts so far are kept): for inference, where the
         #: statistics are not read, this saves a dozen small ops per wrapped layer per forward.
         self.enabled = True
@@ -226,12 +257,35 @@ class LoadTracker:
 
     @layers.setter
     def layers(self, value: dict[str, LayerStats]) -> None:
-        self._pending.clear()  # the statistics are replaced as a whole
+        self._queued.clear()
+        for p in self._pending.values():  # the statistics are replaced as a whole
+            p.zero_()
         self._layers = value
+
+    def flush(self) -> None:
+        """Record the routings a compiled forward queued (see the class docstring). Cheap when
+        there are none; called by the injected model's forward pre-hook and before settling."""
+        if self._queued:
+            # Not a decorator: that would import torch._dynamo (and triton) with moelora.
+            torch.compiler.disable(self._record_queued)()
+
+    def _record_queued(self) -> None:
+        queued, self._queued = self._queued, []
+        for name, num_experts, *routing in queued:  # as queued: a subclass already mapped them
+            LoadTracker.record(self, name, num_experts, *routing)
 
     @_outside_inference_mode
     def _settle(self) -> None:
+        self.flush()
+        if self.lost_forwards:
+            warnings.warn(f"{self.lost_forwards} layer forwards of a compiled model were not recorded: the model "
+                          "was never called through its top-level forward between reads of the statistics "
+                          f"(more than LoadTracker.MAX_QUEUED = {self.MAX_QUEUED} queued)", stacklevel=3)
+            self.lost_forwards = 0
         for name, p in self._pending.items():
+            forwards = int(p.forwards)
+            if not forwards:
+                continue
             stats = self._layers.get(name)
             if stats is None:
                 stats = self._layers[name] = LayerStats.empty(p.num_experts)
@@ -241,13 +295,31 @@ class LoadTracker:
             stats.prob_sum += p.prob_sum.cpu().double()
             stats.dropped += p.dropped.cpu().double()
             stats.coactivation += coactivation
-            stats.tokens += p.tokens + int(p.masked_tokens)
-            stats.forwards += p.forwards
+            stats.tokens += int(p.tokens)
+            stats.forwards += forwards
             if p.task_counts is not None:
                 stats.grow_tasks(p.task_counts.shape[0])[:p.task_counts.shape[0]] += p.task_counts.cpu().double()
-        self._pending.clear()
+            p.zero_()
 
     @_outside_inference_mode
+    def _open(self, name: str, num_experts: int, device: torch.device) -> _Pending:
+        """Fresh accumulators for layer ``name`` (after settling what it had). Only called
+        eagerly: a tensor made inside a compiled graph that runs under inference mode is an
+        inference tensor, and the next training forward could not add into it."""
+        if name in self._pending:
+            self._settle()
+        p = self._pending[name] = _Pending.zeros(num_experts, device)
+        return p
+
+    @staticmethod
+    @_outside_inference_mode
+    def _grow_tasks(p: _Pending, rows: int) -> None:
+        """Give ``p.task_counts`` at least ``rows`` rows (only called eagerly, as :meth:`_open`)."""
+        grown = p.prob_sum.new_zeros(rows, p.num_experts)
+        if p.task_counts is not None:
+            grown[:p.task_counts.shape[0]] = p.task_counts
+        p.task_counts = grown
+
     @torch.no_grad()
     def record(self, name: str, num_experts: int, expert_ids: Tensor, probs: Tensor | None,
                dropped: Tensor | None, token_mask: Tensor | None, task_ids: Tensor | None = None,
@@ -269,10 +341,21 @@ class LoadTracker:
             return
         dev = expert_ids.device
         p = self._pending.get(name)
-        if p is None or p.prob_sum.device != dev or p.num_experts != num_experts:
-            if p is not None:
-                self._settle()
-            p = self._pending[name] = _Pending.zeros(num_experts, dev)
+        opened = p is not None and p.prob_sum.device == dev and p.num_experts == num_experts
+        by_task = task_ids is not None and task_ids.numel() == expert_ids.shape[0]
+        if torch.compiler.is_compiling():
+            # New tensors are made eagerly (see _open): queue this routing until then.
+            grow = by_task and opened and (num_tasks is None or p.task_counts is None
+                                           or p.task_counts.shape[0] < num_tasks)
+            if not opened or grow:
+                if len(self._queued) < self.MAX_QUEUED:
+                    self._queued.append((name, num_experts, expert_ids, None if probs is None else probs.detach(),
+                                         dropped, token_mask, task_ids, num_tasks))
+                else:
+                    self.lost_forwards += 1
+                return
+        elif not opened:
+            p = self._open(name, num_experts, dev)
         valid = expert_ids >= 0
         real = None if token_mask is None else token_mask.to(dev).reshape(-1, 1)
         if real is not None:
@@ -289,28 +372,25 @@ class LoadTracker:
             p.prob_sum += (pr if real is None else torch.where(real, pr, 0)).sum(0)
         if dropped is not None:
             p.dropped += dropped.to(p.dropped.dtype)
-        if real is None:
-            p.tokens += expert_ids.shape[0]
-        else:
-            p.masked_tokens += real.sum()
+        p.tokens += expert_ids.shape[0] if real is None else real.sum()
         p.forwards += 1
-        if task_ids is not None and task_ids.numel() == expert_ids.shape[0]:
+        if by_task:
             tasks = task_ids.reshape(-1).to(dev).long()
             rows = num_tasks if num_tasks is not None else (int(tasks.max()) + 1 if tasks.numel() else 0)
             if rows > 0:
                 if p.task_counts is None or p.task_counts.shape[0] < rows:
-                    grown = chosen.new_zeros(rows, num_experts)
-                    if p.task_counts is not None:
-                        grown[:p.task_counts.shape[0]] = p.task_counts
-                    p.task_counts = grown
+                    self._grow_tasks(p, rows)
                 slots = chosen.new_zeros(expert_ids.shape[0], num_experts + 1)
                 slots = slots.scatter_add_(1, index, valid.to(slots.dtype))[:, :num_experts]  # [T, E]
                 # A slot without a task (negative id) adds a zero row to task 0.
                 p.task_counts.index_add_(0, tasks.clamp(min=0), torch.where((tasks >= 0).view(-1, 1), slots, 0))
 
     def reset(self) -> None:
+        """Forget every statistic (the accumulators stay, zeroed, for a compiled model to add into)."""
         self._layers.clear()
-        self._pending.clear()
+        self._queued.clear()
+        for p in self._pending.values():
+            p.zero_()
 
     def reduced(self) -> "LoadTracker":
         """A copy holding every layer's statistics summed across distributed ranks.

@@ -228,6 +228,7 @@ class _CaptureMask:
         self.checkpointed: list[nn.Module] | None = None
 
     def __call__(self, module, args, kwargs) -> None:
+        self.state.tracker.flush()  # what a compiled forward could not record (LoadTracker)
         mask = kwargs.get("attention_mask")
         if mask is None and args:
             if self.position == -1:

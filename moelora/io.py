@@ -59,23 +59,57 @@ def _umask() -> int:
     return mask
 
 
-def base_identity(model: nn.Module, module_names: list[str]) -> dict[str, Any]:
-    """What identifies the base model: its name/path, class, and a hash of the wrapped weights.
+#: Values per wrapped weight kept in ``weights_sample`` (evenly spaced over the flattened weight).
+SAMPLE_SIZE = 16
 
-    The hash covers each wrapped base layer's name, shape, dtype and (the first 64k) values.
+
+def base_identity(model: nn.Module, module_names: list[str]) -> dict[str, Any]:
+    """What identifies the base model: its name/path, class, and the wrapped weights.
+
+    ``weights_sha256`` hashes each wrapped base layer's name, shape, dtype and (first 64k)
+    values: exact, so it differs between one checkpoint loaded in fp32 and in bf16.
+    ``weights_sample`` keeps each layer's dtype and :data:`SAMPLE_SIZE` of its values, which
+    :func:`same_base_weights` compares within rounding when the dtypes differ.
     """
     digest = hashlib.sha256()
+    sample: dict[str, dict[str, Any]] = {}
     for name in module_names:
         module = model.get_submodule(name)
         base = module.base_layer if isinstance(module, MoELoRALinear) else module
         weight = getattr(base, "weight", None)
         digest.update(name.encode())
         if isinstance(weight, Tensor):
+            flat = weight.detach().reshape(-1)
             digest.update(f"{tuple(weight.shape)}|{weight.dtype}".encode())
-            digest.update(weight.detach().reshape(-1)[:65536].float().cpu().numpy().tobytes())
+            digest.update(flat[:65536].float().cpu().numpy().tobytes())
+            at = torch.linspace(0, max(flat.numel() - 1, 0), min(SAMPLE_SIZE, flat.numel())).round().long()
+            sample[name] = {"dtype": str(weight.dtype).removeprefix("torch."),
+                            "values": flat[at.to(flat.device)].double().cpu().tolist()}
     cfg = getattr(model, "config", None)
     return {"name_or_path": getattr(cfg, "_name_or_path", None) or None,
-            "class": type(model).__name__, "weights_sha256": digest.hexdigest()}
+            "class": type(model).__name__, "weights_sha256": digest.hexdigest(), "weights_sample": sample}
+
+
+def same_base_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two :func:`base_identity` records describe the same wrapped base weights.
+
+    Equal hashes are the same weights. Different hashes are different weights, unless some
+    layer's dtype differs and every sampled value agrees within that rounding (relative 2⁻⁷,
+    twice bf16's step): one checkpoint trained in fp32 and loaded in bf16 or fp16 is one base.
+    Records without a hash (older or hand-written) are taken as matching.
+    """
+    if not a.get("weights_sha256") or not b.get("weights_sha256") or a["weights_sha256"] == b["weights_sha256"]:
+        return True
+    sa, sb = a.get("weights_sample"), b.get("weights_sample")
+    if not sa or not sb or sa.keys() != sb.keys() or all(sa[n]["dtype"] == sb[n]["dtype"] for n in sa):
+        return False
+    for name in sa:
+        x = torch.tensor(sa[name]["values"], dtype=torch.float64)
+        y = torch.tensor(sb[name]["values"], dtype=torch.float64)
+        scale = float(torch.cat([x, y]).abs().max()) if x.numel() else 0.0
+        if x.shape != y.shape or not torch.allclose(x, y, rtol=2 ** -7, atol=1e-4 * scale):
+            return False
+    return True
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -221,7 +255,7 @@ def _warn_if_other_base(model: nn.Module, meta: dict[str, Any], wrapped: list[st
     now = base_identity(model, wrapped)
     diffs = [f"{k}: adapter {saved.get(k)!r} vs model {now[k]!r}"
              for k in ("name_or_path", "class") if saved.get(k) and now[k] and saved.get(k) != now[k]]
-    if saved.get("weights_sha256") and saved["weights_sha256"] != now["weights_sha256"]:
+    if not same_base_weights(saved, now):
         diffs.append("the wrapped base weights differ from those the adapter was saved with")
     if diffs:
         warnings.warn(f"adapter in {directory} was saved from another base model ({'; '.join(diffs)}); "

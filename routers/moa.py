@@ -67,12 +67,22 @@ class MoAGates:
         return self.probs.shape[0]
 
     def index(self, t: int) -> Tensor | None:
-        """``[n_t]`` int64 tokens where type ``t`` runs (cached), or ``None`` = every token."""
-        if self.active is None:
+        """``[n_t]`` int64 tokens where type ``t`` runs (cached), or ``None`` = every token.
+
+        ``None`` also while ``torch.compile`` traces Sparse MoA: a token count that depends on the
+        data would break the graph at every expert, so the compiled model runs each type on every
+        token and :meth:`weight` zeroes the inactive ones (the same output and gradients)."""
+        if self.active is None or torch.compiler.is_compiling():
             return None
         if t not in self._index:
             self._index[t] = self.active[:, t].nonzero().squeeze(1)
         return self._index[t]
+
+    def weight(self, t: int) -> Tensor:
+        """``[T]`` applied weight of type ``t``: where it is inactive exactly 0 *and without a
+        gradient*, as if its tokens were skipped (``"ste"`` weights carry one there otherwise)."""
+        w = self.weights[:, t]
+        return w if self.active is None else torch.where(self.active[:, t], w, 0)
 
 
 class MoARouter(nn.Module):

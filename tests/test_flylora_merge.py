@@ -64,6 +64,19 @@ def test_incompatible_adapters_are_refused_and_nothing_is_written(tmp_path, chan
     assert not (tmp_path / "m").exists()
 
 
+def test_adapters_trained_on_the_base_in_two_dtypes_merge(tmp_path):
+    # One task trained on the fp32 base, another on the same base cast to bf16: one base model
+    # (io.same_base_weights), so they merge; another base in bf16 is still refused.
+    trained_adapter(tmp_path / "a", B_seed=1)
+    model = moelora.inject(Net(0).to(torch.bfloat16), config())
+    moelora.save_adapter(model, tmp_path / "b")
+    moelora.merge_flylora([tmp_path / "a", tmp_path / "b"], out_dir=tmp_path / "m")
+    assert (tmp_path / "m" / WEIGHTS_NAME).exists()
+    moelora.save_adapter(moelora.inject(Net(3).to(torch.bfloat16), config()), tmp_path / "c")
+    with pytest.raises(ValueError, match="different base model"):
+        moelora.merge_flylora([tmp_path / "a", tmp_path / "c"], out_dir=tmp_path / "m2")
+
+
 def test_other_inputs_are_refused(tmp_path):
     trained_adapter(tmp_path / "a", B_seed=1)
     trained_adapter(tmp_path / "other_base", B_seed=2, net_seed=3)

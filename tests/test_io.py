@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -125,6 +126,27 @@ def test_adapter_for_other_modules_is_refused(saved):
 def test_other_base_weights_warn(saved):
     with pytest.warns(UserWarning, match="wrapped base weights differ"):
         moelora.load_adapter(tiny_llama(seed=3), saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_same_base_in_another_dtype_is_the_same_base(saved, dtype):
+    # Trained in fp32, served in bf16/fp16: the exact hash differs (it includes the dtype), the
+    # sampled values agree within rounding, so no warning. The adapter itself stays fp32.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moelora.load_adapter(tiny_llama().to(dtype), saved)
+    with pytest.warns(UserWarning, match="wrapped base weights differ"):  # another base in that dtype still warns
+        moelora.load_adapter(tiny_llama(seed=3).to(dtype), saved)
+
+
+def test_a_slightly_changed_base_in_the_same_dtype_warns(saved):
+    # The tolerance is only for a change of dtype: in the same dtype the hash is exact, so a base
+    # fine-tuned by a hair (far below bf16 rounding) is still another base.
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] *= 1 + 1e-5
+    with pytest.warns(UserWarning, match="wrapped base weights differ"):
+        moelora.load_adapter(model, saved)
 
 
 def test_loading_into_an_injected_model_is_refused(saved):

@@ -17,6 +17,16 @@ def test_import_without_triton():
     assert out.stdout.strip() == "torch"
 
 
+def test_import_leaves_triton_and_dynamo_unimported():
+    # Importing triton fixes TRITON_INTERPRET for the process, and torch._dynamo imports triton:
+    # a script that sets the variable after `import moelora` (benchmarks/kernels.py) must still get
+    # the interpreter. torch.compiler.disable as a decorator at import time once broke this.
+    code = ("import sys, moelora, moelora.kernels, moelora.routers, moelora.methods; "
+            "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_kernels_and_routers_live_under_moelora():
     import moelora.kernels
     import moelora.routers

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from moelora.config import config_from_dict
-from moelora.io import WEIGHTS_NAME, _read_tensors, read_adapter_meta, write_adapter_files
+from moelora.io import WEIGHTS_NAME, _read_tensors, read_adapter_meta, same_base_weights, write_adapter_files
 
 from .flylora import FlyLoRAConfig
 
@@ -79,11 +79,10 @@ def _check_compatible(first: tuple[Path, dict], other: tuple[Path, dict]) -> Non
     if sorted(m0.get("modules_to_save") or []) != sorted(m1.get("modules_to_save") or []):
         raise ValueError(f"cannot merge FlyLoRA adapters {d0} and {d1}: modules_to_save differ "
                          f"({m0.get('modules_to_save')} vs {m1.get('modules_to_save')}).")
-    sha0 = (m0.get("base_model") or {}).get("weights_sha256")
-    sha1 = (m1.get("base_model") or {}).get("weights_sha256")
-    if sha0 and sha1 and sha0 != sha1:
+    if not same_base_weights(m0.get("base_model") or {}, m1.get("base_model") or {}):
         raise ValueError(f"cannot merge FlyLoRA adapters {d0} and {d1}: they were trained on different base "
-                         "model weights (the wrapped layers' hashes differ), so their B matrices do not combine.")
+                         "model weights (the wrapped layers' hashes and sampled values differ), so their B "
+                         "matrices do not combine.")
 
 
 def merge_flylora(adapter_dirs: Sequence[str | os.PathLike], weights: Sequence[float] | None = None, *,

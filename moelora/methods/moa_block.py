@@ -120,7 +120,7 @@ class MoABlock(nn.Module):
         flat = h.reshape(-1, h.shape[-1])
         gates = self.gates_for(flat.shape[0], f"{self.name}.adapter")
         t = self.type_index("adapter")
-        w, idx = gates.weights[:, t], gates.index(t)
+        w, idx = gates.weight(t), gates.index(t)
         x = flat.to(self.adapter.up.weight.dtype)
         if idx is None:
             out = self.adapter(x) * w.unsqueeze(1)
@@ -146,7 +146,7 @@ class MoABlock(nn.Module):
         k_proj, v_proj = (getattr(m, "base_layer", m) for m in (attn.k_proj, attn.v_proj))  # frozen projections
         o = self.prompt.attend(q, k_proj, v_proj, num_kv_groups=attn.num_key_value_groups, scaling=attn.scaling)
         gates = self.gates_for(B * S, f"{self.name}.prompt")
-        w = gates.weights[:, self.type_index("prompt")].view(B, S, 1)
+        w = gates.weight(self.type_index("prompt")).view(B, S, 1)
         self._query, self._rope = None, None
         return (o * w.to(o.dtype)).to(attn_out.dtype)
 

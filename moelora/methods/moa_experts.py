@@ -149,7 +149,7 @@ class MoALoRALinear(MoELoRALinear):
         """``[T, d_out]`` for tokens ``flat [T, d_in]``: the scaled LoRA on the tokens where this
         type runs (all of them under Soft MoA), exact zeros elsewhere."""
         gates = self._block.gates_for(flat.shape[0], self.name)
-        w = gates.weights[:, self.type_index]
+        w = gates.weight(self.type_index)
         idx = gates.index(self.type_index)
         bank = self.bank
         if idx is None:
