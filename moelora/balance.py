@@ -168,6 +168,18 @@ class LayerStats:
                 "tokens": float(self.tokens)}
 
 
+def _outside_inference_mode(method):
+    """Run ``method`` with inference mode off: accumulators created under ``torch.inference_mode()``
+    would be inference tensors, which the next normal forward may not add into in place."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return method(*args, **kwargs)
+        return method(*args, **kwargs)
+    return wrapper
+
+
 @dataclass
 class _Pending:
     """One layer's statistics since they were last settled, on the routing's device.
@@ -199,24 +211,21 @@ class _Pending:
         n = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
         return cls(z(num_experts), z(num_experts), z(num_experts, num_experts), z(num_experts + 1), n(), n())
 
+    @_outside_inference_mode
+    def grow_tasks(self, rows: int) -> None:
+        """Give ``task_counts`` at least ``rows`` rows (new tensors: only called eagerly, see
+        :meth:`LoadTracker._open`)."""
+        grown = self.prob_sum.new_zeros(rows, self.num_experts)
+        if self.task_counts is not None:
+            grown[:self.task_counts.shape[0]] = self.task_counts
+        self.task_counts = grown
+
     def zero_(self) -> None:
         """Start a new window in place: a compiled model keeps adding into these same tensors."""
         for t in (self.prob_sum, self.dropped, self.coactivation, self.slots, self.tokens, self.forwards,
                   self.task_counts):
             if t is not None:
                 t.zero_()
-
-
-def _outside_inference_mode(method):
-    """Run ``method`` with inference mode off: accumulators created under ``torch.inference_mode()``
-    would be inference tensors, which the next normal forward may not add into in place."""
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False):
-                return method(*args, **kwargs)
-        return method(*args, **kwargs)
-    return wrapper
 
 
 class LoadTracker:
@@ -257,10 +266,14 @@ class LoadTracker:
 
     @layers.setter
     def layers(self, value: dict[str, LayerStats]) -> None:
-        self._queued.clear()
-        for p in self._pending.values():  # the statistics are replaced as a whole
-            p.zero_()
+        self._discard_pending()  # the statistics are replaced as a whole
         self._layers = value
+
+    def _discard_pending(self) -> None:
+        """Drop what was recorded but not settled (the accumulators stay, zeroed in place)."""
+        self._queued.clear()
+        for p in self._pending.values():
+            p.zero_()
 
     def flush(self) -> None:
         """Record the routings a compiled forward queued (see the class docstring). Cheap when
@@ -311,15 +324,6 @@ class LoadTracker:
         p = self._pending[name] = _Pending.zeros(num_experts, device)
         return p
 
-    @staticmethod
-    @_outside_inference_mode
-    def _grow_tasks(p: _Pending, rows: int) -> None:
-        """Give ``p.task_counts`` at least ``rows`` rows (only called eagerly, as :meth:`_open`)."""
-        grown = p.prob_sum.new_zeros(rows, p.num_experts)
-        if p.task_counts is not None:
-            grown[:p.task_counts.shape[0]] = p.task_counts
-        p.task_counts = grown
-
     @torch.no_grad()
     def record(self, name: str, num_experts: int, expert_ids: Tensor, probs: Tensor | None,
                dropped: Tensor | None, token_mask: Tensor | None, task_ids: Tensor | None = None,
@@ -345,9 +349,8 @@ class LoadTracker:
         by_task = task_ids is not None and task_ids.numel() == expert_ids.shape[0]
         if torch.compiler.is_compiling():
             # New tensors are made eagerly (see _open): queue this routing until then.
-            grow = by_task and opened and (num_tasks is None or p.task_counts is None
-                                           or p.task_counts.shape[0] < num_tasks)
-            if not opened or grow:
+            if not opened or (by_task and (num_tasks is None or p.task_counts is None
+                                           or p.task_counts.shape[0] < num_tasks)):
                 if len(self._queued) < self.MAX_QUEUED:
                     self._queued.append((name, num_experts, expert_ids, None if probs is None else probs.detach(),
                                          dropped, token_mask, task_ids, num_tasks))
@@ -379,7 +382,7 @@ class LoadTracker:
             rows = num_tasks if num_tasks is not None else (int(tasks.max()) + 1 if tasks.numel() else 0)
             if rows > 0:
                 if p.task_counts is None or p.task_counts.shape[0] < rows:
-                    self._grow_tasks(p, rows)
+                    p.grow_tasks(rows)
                 slots = chosen.new_zeros(expert_ids.shape[0], num_experts + 1)
                 slots = slots.scatter_add_(1, index, valid.to(slots.dtype))[:, :num_experts]  # [T, E]
                 # A slot without a task (negative id) adds a zero row to task 0.
@@ -388,9 +391,7 @@ class LoadTracker:
     def reset(self) -> None:
         """Forget every statistic (the accumulators stay, zeroed, for a compiled model to add into)."""
         self._layers.clear()
-        self._queued.clear()
-        for p in self._pending.values():
-            p.zero_()
+        self._discard_pending()
 
     def reduced(self) -> "LoadTracker":
         """A copy holding every layer's statistics summed across distributed ranks.

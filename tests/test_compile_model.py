@@ -113,7 +113,7 @@ def test_fullgraph_compile_after_one_eager_forward(tmp_path):
     for step in range(1, 4):
         _step(model, run, step)
     stats = moelora.routing_stats(model).layers
-    ids, mask = _batch(1)
+    _, mask = _batch(1)  # every batch has the same padding
     assert all(s.forwards == 4 for s in stats.values())
     assert all(s.counts.sum() == 2 * 4 * mask.sum() for s in stats.values())  # top-2 of the real tokens
 
