@@ -13,6 +13,7 @@ Method configs are chosen in YAML by ``class_path`` (``moelora.MoELoRAConfig``,
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,93 @@ EXTRA_COMMANDS = {
     "report": "moelora.dashboard.cli:report_main",
     "suite-loras": "moelora.suite_loras:suite_loras_main",
 }
+
+
+class SettingError(Exception):
+    """A setting the model or data module refused while being built; :func:`main` prints it as
+    one ``moelora: error:`` line and exits with 2 (``MOELORA_TRACEBACK=1`` re-raises the original
+    error with its traceback instead)."""
+
+
+def _own_error(err: BaseException) -> BaseException:
+    """The first error in ``err``'s cause chain that moelora itself raised: jsonargparse wraps a
+    method config's "config field `top_k` = 9 is invalid" into a page about union subtypes."""
+    package = Path(__file__).resolve().parent
+    seen: BaseException | None = err
+    while seen is not None:
+        tb, last = seen.__traceback__, None
+        while tb is not None:
+            last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+        if last is not None and Path(last).resolve().is_relative_to(package):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return err
+
+
+#: Where runs go by default: ``trainer.default_root_dir`` and the two default loggers' ``save_dir``.
+DEFAULT_ROOT = "runs"
+
+
+def _loggers_follow_root_dir(trainer) -> None:
+    """Point every logger still at :data:`DEFAULT_ROOT` to ``trainer.default_root_dir`` when that
+    was changed, so ``--trainer.default_root_dir D`` moves logs, checkpoints, the adapter and the
+    routing report to ``D`` as it does in plain Lightning (whose default loggers read it). A logger
+    given its own ``save_dir`` keeps it."""
+    root, loggers = trainer.get("default_root_dir"), trainer.get("logger")
+    if root in (None, DEFAULT_ROOT) or not isinstance(loggers, list):
+        return
+    for logger in loggers:
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is not None and init_args.get("save_dir") == DEFAULT_ROOT:
+            init_args.save_dir = root
+
+
+def _model_settings(model) -> dict[str, object]:
+    """The model section as flat ``{"model.x": value}``, the method as its config's fields (the
+    parsed ``class_path`` form and a checkpoint's ``to_dict`` form compare equal)."""
+    from moelora.config import config_from_dict
+
+    if model is None:
+        return {}
+    data = model.as_dict() if hasattr(model, "as_dict") else dict(model)
+    out = {}
+    for key, value in data.items():
+        if key == "method" and isinstance(value, dict):
+            try:
+                value = config_from_dict(value).to_dict()
+            except ValueError:
+                pass
+            if isinstance(value, dict):
+                out.update({f"model.method.{k}": v for k, v in value.items()})
+                continue
+        if key not in ("optimizer", "scheduler"):  # callables, not saved in the hyperparameters
+            out[f"model.{key}"] = value
+    return out
+
+
+def _model_overrides(argv: list[str]) -> set[str]:
+    """Keys of the ``--model.*`` overrides in ``argv``, as :func:`_model_settings` names them
+    (``--model.method.init_args.top_k=2`` -> ``model.method.top_k``)."""
+    keys = set()
+    for arg in argv:
+        if arg.startswith("--model."):
+            key = arg[2:].split("=", 1)[0].replace("model.method.init_args.", "model.method.")
+            keys.add(key)
+    return keys
+
+
+def _warn_replaced_on_resume(before: dict[str, object], after: dict[str, object], ckpt_path,
+                             given: set[str]) -> None:
+    """Warn about each command-line override that the checkpoint's model settings replaced (only
+    those: a method fills some fields in itself, e.g. MeteoRA's targets, WeightLoRA's stage)."""
+    changed = sorted(k for k in given if k in before and k in after and before[k] != after[k])
+    if changed:
+        import warnings
+
+        listed = ", ".join(f"{k}: given {before[k]!r}, checkpoint {after[k]!r}" for k in changed)
+        warnings.warn(f"resuming from {ckpt_path}: the checkpoint's model settings replace these given ones "
+                      f"({listed}). A resumed run keeps the model it was trained with; start a new run "
+                      "(no --ckpt_path) to change them.", UserWarning, stacklevel=2)
 
 
 def _run_extra(name: str, argv: list[str]) -> int:
@@ -47,6 +135,29 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
     set_parsing_settings(subclasses_enabled=[MoELoRAConfig])
 
     class MoELoRACLI(LightningCLI):
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, FileNotFoundError) as err:  # a bad setting: the model/data refused it
+                if os.environ.get("MOELORA_TRACEBACK"):
+                    raise
+                raise SettingError(str(_own_error(err))) from err
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            _loggers_follow_root_dir(config.trainer)
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning replaces the whole model config with the checkpoint's hyperparameters on
+            # resume, silently dropping --model.* overrides: say which ones were replaced.
+            sub = self.config.get("subcommand")
+            before = _model_settings(self.config[sub].get("model")) if sub else {}
+            super()._parse_ckpt_path()
+            if sub:
+                _warn_replaced_on_resume(before, _model_settings(self.config[sub].get("model")),
+                                         self.config[sub].get("ckpt_path"),
+                                         _model_overrides(sys.argv[1:] if args is None else args))
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.backbone", "data.tokenizer")
             parser.link_arguments("model.task", "data.task")
@@ -88,10 +199,11 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
         pass
     trainer_defaults = {
         "logger": [{"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "tensorboard"}},
-                   {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "csv"}}],
+                    "init_args": {"save_dir": DEFAULT_ROOT, "name": "tensorboard"}},
+                   {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": DEFAULT_ROOT, "name": "csv"}}],
         "callbacks": callbacks,
-        "default_root_dir": "runs",
+        "default_root_dir": DEFAULT_ROOT,
     }
     return MoELoRACLI(MoELoRAModule, TextDataModule, args=args, run=run, auto_configure_optimizers=False,
                       save_config_kwargs={"overwrite": True}, trainer_defaults=trainer_defaults)
@@ -116,7 +228,7 @@ def _resolve_configs(argv: list[str]) -> list[str]:
             value = out[i + 1]
         elif flag.startswith("--config="):
             value, joined = flag.split("=", 1)[1], True
-        if value is not None and not Path(value).exists() and (found := shipped_config(value)):
+        if value is not None and not Path(value).is_file() and (found := shipped_config(value)):
             print(f"moelora: {value} is not a file here; using the shipped config {found}", file=sys.stderr)
             if joined:
                 out[i] = f"--config={found}"
@@ -154,12 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         print("extra commands: " + ", ".join(EXTRA_COMMANDS) + " (moelora <command> --help)\n")
     argv = _resolve_configs(argv)
     _check_class_paths(argv)
-    if from_command_line:
-        # LightningCLI reads sys.argv itself: passing a list that differs from it warns on every run.
-        sys.argv[1:] = argv
-        build_cli(None)
-    else:
-        build_cli(argv)
+    try:
+        if from_command_line:
+            # LightningCLI reads sys.argv itself: passing a list that differs from it warns on every run.
+            sys.argv[1:] = argv
+            build_cli(None)
+        else:
+            build_cli(argv)
+    except SettingError as err:
+        print(f"moelora: error: {err}\n(MOELORA_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -191,13 +191,18 @@ def config_from_dict(data: dict[str, Any]) -> MoELoRAConfig:
         return _from_class_path(data)
     method = data.get("method")
     if method is None:
-        fields = set().union(*({f.name for f in dataclasses.fields(c)} for c in _CONFIG_REGISTRY.values()))
-        unknown = sorted(set(data) - fields)
-        hint = (f"{unknown} is no field of any moelora method config; " if unknown else "") + \
-            f"MoELoRAConfig fields are {sorted(f.name for f in dataclasses.fields(MoELoRAConfig))}"
+        types = {f.name: f.type for c in reversed(list(_CONFIG_REGISTRY.values())) for f in dataclasses.fields(c)}
+        unknown = sorted(set(data) - set(types))
+        if unknown:
+            hint = (f"{unknown} is no field of any moelora method config; MoELoRAConfig fields are "
+                    f"{sorted(f.name for f in dataclasses.fields(MoELoRAConfig))}. On the command line check the "
+                    "field name in --model.method.init_args.<field>")
+        else:
+            # jsonargparse drops the YAML's class_path when an override does not parse as its field's type
+            typed = ", ".join(f"{k}={v!r} (expected {types[k]})" for k, v in data.items())
+            hint = (f"on the command line this means a --model.method.init_args value has the wrong type: {typed}")
         raise ValueError(f"method config {data!r} names no method (no 'method' or 'class_path' key): {hint}. "
-                         "In a YAML give class_path (e.g. moelora.MoELoRAConfig) and init_args; on the command "
-                         "line check the field name in --model.method.init_args.<field>.")
+                         "In a YAML give class_path (e.g. moelora.MoELoRAConfig) and init_args.")
     if method not in _CONFIG_REGISTRY:
         raise ValueError(f"unknown moelora method {method!r}; known methods: {sorted(_CONFIG_REGISTRY)}")
     return _CONFIG_REGISTRY[method].from_dict(data)

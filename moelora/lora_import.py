@@ -132,8 +132,13 @@ def read_lora_config(path: str | os.PathLike, *, name: str = "adapter", drop_hea
     """
     directory = Path(path)
     if not directory.is_dir():
+        from moelora.data.suite import TASKS
+
+        # configs/meteora.yaml fuses loras/<task>: point at the command that makes them
+        suite = (f" The bundled suite's LoRAs are made with `moelora suite-loras -o {directory.parent}`."
+                 if directory.name in TASKS else "")
         raise FileNotFoundError(f"adapter {name!r}: directory {str(directory)!r} does not exist; pass the "
-                                f"directory that holds {CONFIG_FILE} and {SAFETENSORS_FILE}.")
+                                f"directory that holds {CONFIG_FILE} and {SAFETENSORS_FILE}.{suite}")
     config_file = directory / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"adapter {name!r}: {config_file} not found; a PEFT LoRA directory holds "

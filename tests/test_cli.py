@@ -1,7 +1,9 @@
 """The `moelora` console script: every shipped YAML validates and trains a few steps; errors name the field."""
 
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,8 @@ def test_print_config(tmp_path, monkeypatch, capsys):
     ("--model.method.init_args.rank=0", "rank"),
     ("--data.batch_size=0", "batch_size"),
     ("--model.method.init_args.num_expert=4", "['num_expert'] is no field"),  # a typo, not "method None"
+    # jsonargparse drops the YAML's class_path on a wrong-typed override: the value is named, not the field
+    ("--model.method.init_args.top_k=two", "wrong type: top_k='two' (expected int)"),
     # a bad class path as an override: jsonargparse's own error was a bare AttributeError
     ("--model.method.class_path=moelora.SiraConfig", "'moelora.SiraConfig' is not a moelora method config"),
     ("--model.method.class_path moelora.Nope", "'moelora.Nope' is not a moelora method config"),
@@ -82,8 +86,10 @@ def test_bad_value_fails_naming_the_field(tmp_path, override, field):
     demo = [p for p in CONFIGS if p.name == "demo.yaml"][0]
     proc = subprocess.run([sys.executable, "-m", "moelora.cli", "fit", "-c", str(demo), *override.split(" "),
                            "--trainer.max_steps=1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert field in proc.stderr
+    if "init_args" in override:  # refused while the model is built: one line, no traceback pages
+        assert "Traceback" not in proc.stderr and "Union subtypes" not in proc.stderr
 
 
 def test_predict_writes_routing(tmp_path, monkeypatch):
@@ -117,3 +123,51 @@ def test_readme_yaml_example_parses_and_trains_its_head(tmp_path, monkeypatch):
     cli = build_cli(["-c", "readme.yaml", "--trainer.logger=false"], run=False)
     assert type(cli.model.method).__name__ == "SiRAConfig"
     assert cli.model.method.modules_to_save == ["classifier"]
+
+
+@pytest.mark.parametrize("config", [p for p in CONFIGS if "with its default" in p.read_text()], ids=lambda p: p.name)
+def test_configs_that_list_defaults_note_every_other_value(config):
+    # sira.yaml once said "listed with its default" over num_experts: 8, rank: 4, alpha: 8.0
+    # (defaults 4, 8, 16) without a word: a reader copying it learnt three wrong defaults.
+    import dataclasses
+
+    from moelora.config import method_class
+
+    text = config.read_text()
+    method = yaml.safe_load(text)["model"]["method"]
+    fields = {f.name: f for f in dataclasses.fields(method_class(method["class_path"]))}
+    for key, value in method["init_args"].items():
+        default = fields[key].default
+        if default is dataclasses.MISSING or default is None or default == value:
+            continue  # no default to mislead about (targets, seed, the adapters to fuse)
+        line = re.search(rf"^\s+{key}:.*$", text, re.M).group(0)
+        assert re.search(r"#.*default", line), f"{config.name}: {key}: {value} differs from the default " \
+                                               f"{default!r}; say so on its line ({line.strip()!r})"
+
+
+def test_default_root_dir_moves_the_run_and_resume_names_replaced_overrides(tmp_path, monkeypatch, capsys):
+    # The default loggers once kept save_dir "runs", so --trainer.default_root_dir moved nothing.
+    monkeypatch.chdir(tmp_path)
+    demo = [p for p in CONFIGS if p.name == "demo.yaml"][0]
+    root = tmp_path / "elsewhere"
+    main(["fit", "-c", str(demo), *FAST, f"--trainer.default_root_dir={root}"])
+    run = root / "tensorboard" / "version_0"
+    assert (run / "adapter" / "moelora_model.safetensors").is_file() and (run / "routing_stats.json").is_file()
+    assert (root / "csv" / "version_0" / "metrics.csv").is_file() and not (tmp_path / "runs").exists()
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    resume = ["fit", "-c", str(demo), *FAST, "--trainer.max_steps=3", f"--trainer.default_root_dir={root}",
+              f"--ckpt_path={ckpt}"]
+    with pytest.warns(UserWarning, match=r"model.method.num_experts: given 8, checkpoint 4"):
+        main([*resume, "--model.method.init_args.num_experts=8"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(resume)
+    assert not [w for w in caught if "checkpoint's model settings" in str(w.message)], "nothing was overridden"
+
+
+def test_meteora_config_without_its_loras_names_the_command_that_makes_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    meteora = [p for p in CONFIGS if p.name == "meteora.yaml"][0]
+    assert main(["fit", "-c", str(meteora), "--trainer.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "moelora: error: adapter 'topic'" in err and "moelora suite-loras -o" in err

@@ -139,6 +139,26 @@ def test_the_same_base_in_another_dtype_is_the_same_base(saved, dtype):
         moelora.load_adapter(tiny_llama(seed=3).to(dtype), saved)
 
 
+def test_adapter_cast_to_bf16_loads_in_the_configured_dtype(tmp_path, token_ids):
+    # model.bfloat16() after inject casts the adapter too, so the file holds bf16 tensors while the
+    # config still says adapter_dtype="float32". Loading builds the adapter in the configured dtype
+    # and upcasts the values exactly (PEFT's autocast_adapter_dtype does the same): every value
+    # survives bit for bit, and to_dtype afterwards gives back the bf16 model.
+    cfg = moelora.MoELoRAConfig(target_modules=["q_proj"], num_experts=3, top_k=2, rank=2)
+    model = trained(tiny_llama(), cfg, token_ids).to(torch.bfloat16)
+    moelora.save_adapter(model, tmp_path)
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    assert {t.dtype for k, t in saved.items() if not k.endswith(".scale")} == {torch.bfloat16}  # scale stays fp32
+    fresh = moelora.load_adapter(tiny_llama(), tmp_path)
+    layer, old = moelora.wrapped_layers(fresh)[0], moelora.wrapped_layers(model)[0]
+    assert layer.bank.A.dtype == torch.float32
+    torch.testing.assert_close(layer.bank.A, old.bank.A.float(), atol=0, rtol=0)
+    torch.testing.assert_close(layer.router.weight, old.router.weight.float(), atol=0, rtol=0)
+    fresh.to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(token_ids).logits, model(token_ids).logits, atol=0, rtol=0)
+
+
 def test_a_slightly_changed_base_in_the_same_dtype_warns(saved):
     # The tolerance is only for a change of dtype: in the same dtype the hash is exact, so a base
     # fine-tuned by a hair (far below bf16 rounding) is still another base.

@@ -92,3 +92,31 @@ def test_every_shipped_config_is_package_data_and_found_by_name(tmp_path, monkey
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo.yaml").write_text("seed_everything: 1\n")
     assert _resolve_configs(["fit", "-c", "configs/demo.yaml"])[2] == "configs/demo.yaml", "a local file wins"
+    (tmp_path / "demo").mkdir()  # a folder of that name is no config: `-c demo` once failed on it
+    assert _resolve_configs(["fit", "-c", "demo"])[2] == shipped_config("demo")
+
+
+def test_readme_tour_runs_and_does_what_its_comments_say(tmp_path, monkeypatch, minilm_tokenizer):
+    # The tour once said load_adapter returns a frozen eval-mode model while its call left the
+    # default trainable=True: run the block itself, on the real MiniLM, and check its claims.
+    import torch
+
+    import moelora
+    from conftest import minilm_classifier
+
+    block = re.search(r"## Tour\n.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    loading, rest = block.split("with moelora.disable_adapters")
+    batch = minilm_tokenizer(["a short one", "a somewhat longer sentence here"], padding=True, return_tensors="pt")
+    fresh = minilm_classifier()
+    fresh_requires_grad = {n: p.requires_grad for n, p in fresh.named_parameters()}
+    scope = {"hf_model": minilm_classifier(), "fresh_hf_model": fresh, "batch": batch, "labels": torch.tensor([0, 1])}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(loading, "README.md#tour", "exec"), scope)
+    assert scope["loss"].requires_grad and scope["stats"].enabled is False
+    assert (tmp_path / "out" / "moelora_config.json").is_file()
+    loaded = scope["model"]
+    assert loaded is fresh and moelora.wrapped_layers(loaded) and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters()), "frozen, as the comment says"
+    exec(compile("with moelora.disable_adapters" + rest, "README.md#tour", "exec"), scope)
+    assert not moelora.wrapped_layers(loaded)
+    assert {n: p.requires_grad for n, p in loaded.named_parameters()} == fresh_requires_grad
