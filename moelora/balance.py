@@ -108,14 +108,21 @@ class LayerStats:
 
     def since(self, earlier: "LayerStats") -> "LayerStats":
         """The statistics accumulated after the snapshot ``earlier`` of the same layer (a window)."""
+        return self._combine(earlier, -1)
+
+    def plus(self, other: "LayerStats") -> "LayerStats":
+        """Two disjoint windows of the same layer taken together (the inverse of :meth:`since`)."""
+        return self._combine(other, 1)
+
+    def _combine(self, other: "LayerStats", sign: int) -> "LayerStats":
         tasks = None
-        if self.task_counts is not None or earlier.task_counts is not None:
-            # The two snapshots may know different task ids: pad both with zero rows.
-            rows = max(t.shape[0] for t in (self.task_counts, earlier.task_counts) if t is not None)
-            tasks = dataclasses.replace(self).grow_tasks(rows) - dataclasses.replace(earlier).grow_tasks(rows)
-        return LayerStats(self.counts - earlier.counts, self.prob_sum - earlier.prob_sum,
-                          self.dropped - earlier.dropped, self.coactivation - earlier.coactivation,
-                          self.tokens - earlier.tokens, self.forwards - earlier.forwards, tasks)
+        if self.task_counts is not None or other.task_counts is not None:
+            # The two may know different task ids: pad both with zero rows.
+            rows = max(t.shape[0] for t in (self.task_counts, other.task_counts) if t is not None)
+            tasks = dataclasses.replace(self).grow_tasks(rows) + sign * dataclasses.replace(other).grow_tasks(rows)
+        return LayerStats(self.counts + sign * other.counts, self.prob_sum + sign * other.prob_sum,
+                          self.dropped + sign * other.dropped, self.coactivation + sign * other.coactivation,
+                          self.tokens + sign * other.tokens, self.forwards + sign * other.forwards, tasks)
 
     def to_dict(self) -> dict:
         """JSON-ready copy: lists of floats plus the summary scalars."""

@@ -216,6 +216,21 @@ def test_report_into_a_directory_and_concurrent_builds(tmp_path):
     assert not errors and not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_report_output_paths(tmp_path):
+    # "-o new_dir/" once wrote a file named new_dir; a file in the way once gave "[Errno 17] File
+    # exists"; the store's own records file once gave ".../records.jsonl/routing/records.jsonl".
+    from moelora.dashboard.store import RECORDS, STORE_DIR
+
+    synthetic_store(tmp_path / "run")
+    assert build_report(tmp_path / "run", f"{tmp_path / 'new'}/") == tmp_path / "new" / "routing_report.html"
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a directory"):
+        build_report(tmp_path / "run", tmp_path / "afile" / "r.html")
+    assert (tmp_path / "afile").read_text() == "keep me"
+    records = next((tmp_path / "run").rglob(f"{STORE_DIR}/{RECORDS}"))
+    assert build_report(records, tmp_path / "r2.html").is_file()
+
+
 def test_coactivation_note_only_when_no_token_shared_experts():
     names, labels = ["a"], {"a": "a"}
     top1 = {"a": stats([3, 2, 0])}

@@ -246,3 +246,23 @@ def test_find_store(tmp_path):
     assert find_store(tmp_path / "runs" / "version_0") == old.root
     assert find_store(old.root) == old.root
     assert find_store(tmp_path) == new.root  # a parent: its most recently written run
+
+
+def test_plus_joins_two_windows_and_undoes_since():
+    # RoutingLogger sums the validation runs between two logs with plus(); the joined window of two
+    # recordings equals one tracker that saw both, task rows padded as since() pads them.
+    first, both = LoadTracker(), LoadTracker()
+    a = (torch.tensor([[0, 1], [2, 0]]), torch.tensor([0, 1]))
+    b = (torch.tensor([[1, 2]]), torch.tensor([3]))
+    first.record("l", 3, a[0], None, None, None, task_ids=a[1])
+    second = LoadTracker()
+    second.record("l", 3, b[0], None, None, None, task_ids=b[1])
+    for ids, tasks in (a, b):
+        both.record("l", 3, ids, None, None, None, task_ids=tasks)
+    joined = first.reduced().layers["l"].plus(second.reduced().layers["l"])
+    want = both.reduced().layers["l"]
+    for field in ("counts", "prob_sum", "dropped", "coactivation", "task_counts"):
+        assert torch.equal(getattr(joined, field), getattr(want, field)), field
+    assert (joined.tokens, joined.forwards) == (want.tokens, want.forwards) == (3, 2)
+    back = joined.since(second.reduced().layers["l"])
+    assert torch.equal(back.counts, first.reduced().layers["l"].counts) and back.tokens == 2

@@ -358,3 +358,41 @@ def test_mid_epoch_resume_does_not_warn_that_the_loader_is_not_resumable(tmp_pat
     recwarn.clear()
     lightning_trainer(tmp_path / "c", 5).fit(module, data, ckpt_path=tmp_path / "ck" / "epoch=0-step=3.ckpt")
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def test_routing_logger_windows_leave_out_validation_and_sanity_forwards(tmp_path):
+    # The live scalars once counted the sanity check and mid-fit validation in the next training
+    # window (SiRA's logged drop rate 0.036 where the report's train window said 0.049). Oracle:
+    # the training batches' own routing, snapshot before and after each one.
+    from moelora.lightning import RoutingLogger
+
+    class TrainOnly(L.Callback):
+        def __init__(self):
+            self.window, self.windows = {}, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = moelora.routing_stats(pl_module.model, sync=True).layers  # copies
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            for name, now in moelora.routing_stats(pl_module.model, sync=True).layers.items():
+                ran = now.since(self.before[name])
+                self.window[name] = self.window[name].plus(ran) if name in self.window else ran
+            if trainer.global_step % 2 == 0:
+                self.windows.append(self.window)
+                self.window = {}
+
+    module, data = make(tmp_path)
+    logged = []
+    module.log_dict = lambda values, **kw: logged.append(dict(values))
+    oracle = TrainOnly()  # before the logger: its window closes first at a logging step
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=1, val_check_interval=2, limit_val_batches=2,
+                        callbacks=[oracle, RoutingLogger(every_n_steps=2)])
+    trainer.fit(module, data)
+    assert len(logged) == len(oracle.windows) == 2
+    for values, window in zip(logged, oracle.windows):
+        summaries = [w.summary() for w in window.values()]
+        for metric in ("entropy", "max_share", "dead_fraction"):
+            want = sum(s[metric] for s in summaries) / len(summaries)
+            assert values[f"routing/mean_{metric}"] == pytest.approx(want, rel=1e-9, abs=1e-12), metric

@@ -317,8 +317,12 @@ def build_report(log_dir: str | os.PathLike, output: str | os.PathLike | None = 
     config = run_dir / "config.yaml"
     config_yaml = config.read_text() if config.is_file() else None
     out = Path(output) if output else run_dir / REPORT_NAME
-    if out.is_dir():  # "-o some_dir": the report goes inside it
+    # "-o some_dir" or "-o new_dir/" (Path drops the slash): the report goes inside it
+    if out.is_dir() or str(output or "").endswith(("/", os.sep)):
         out = out / REPORT_NAME
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"cannot write the report to {out}: {blocking} is a file, not a directory.")
     page = render_html(contents, title=f"moelora routing report · {run_dir.name}", config_yaml=config_yaml)
     out.parent.mkdir(parents=True, exist_ok=True)
     # A temp file of its own (two report builds of one run may race) renamed over the report, so

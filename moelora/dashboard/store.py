@@ -193,6 +193,8 @@ def find_store(path: str | os.PathLike) -> Path:
         FileNotFoundError: no store at or under ``path``, with what to do about it.
     """
     path = Path(path)
+    if path.is_file() and path.name in (RECORDS, META):  # the store's own file: its directory
+        path = path.parent
     for candidate in (path, path / STORE_DIR):
         if (candidate / META).is_file() or (candidate / RECORDS).is_file():
             return candidate

@@ -34,9 +34,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 class RoutingLogger(L.Callback):
-    """Logs per-layer routing scalars over the last window of steps, summed across ranks.
+    """Logs per-layer routing scalars over the last window of training steps, summed across ranks.
 
-    Keys are bounded: ``routing/<layer>/<metric>`` for the four metrics in :data:`METRICS`, plus
+    Forwards of validation runs inside ``fit`` (the sanity check included) are left out of the
+    window: they route with other settings (SiRA's eval capacity, no expert dropout) and the
+    scalars are training ones, as the routing report's windows are. Keys are bounded: ``routing/<layer>/<metric>`` for the four metrics in :data:`METRICS`, plus
     their means over layers. At the end of ``fit`` the run's cumulative statistics go to
     ``<log_dir>/routing_stats.json``: those of this ``fit`` (the tracker is not in checkpoints, so
     a resumed run counts from its resume step).
@@ -50,6 +52,8 @@ class RoutingLogger(L.Callback):
         self.every_n_steps, self.per_layer = every_n_steps, per_layer
         self._last: dict[str, LayerStats] = {}
         self._last_step: int | None = None
+        self._eval: dict[str, LayerStats] = {}  # validation routing since the last log (left out)
+        self._eval_start: dict[str, LayerStats] | None = None  # set while a validation runs
         self.stats_path: Path | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -64,15 +68,30 @@ class RoutingLogger(L.Callback):
         values: dict[str, float] = {}
         for name, now in totals.items():
             window = now.since(self._last[name]) if name in self._last else now
+            if name in self._eval:
+                window = window.since(self._eval[name])
             summary = window.summary()
             for metric in METRICS:
                 if self.per_layer:
                     values[f"routing/{names[name]}/{metric}"] = summary[metric]
                 values.setdefault(f"routing/mean_{metric}", 0.0)
                 values[f"routing/mean_{metric}"] += summary[metric] / len(totals)
-        self._last = totals
+        self._last, self._eval = totals, {}
         if values:
             pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":  # collective under DDP: every rank runs validation
+            self._eval_start = moelora.routing_stats(pl_module.model, sync=True).layers
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit" or self._eval_start is None:
+            return
+        for name, now in moelora.routing_stats(pl_module.model, sync=True).layers.items():
+            # a layer first seen in this validation (the sanity check: nothing routed before) ran all of it
+            ran = now.since(self._eval_start[name]) if name in self._eval_start else now
+            self._eval[name] = self._eval[name].plus(ran) if name in self._eval else ran
+        self._eval_start = None
 
     def on_fit_end(self, trainer, pl_module) -> None:
         totals = moelora.routing_stats(pl_module.model, sync=True).layers
