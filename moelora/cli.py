@@ -126,6 +126,7 @@ def _run_extra(name: str, argv: list[str]) -> int:
 def build_cli(args: list[str] | None = None, *, run: bool = True):
     """Construct the LightningCLI (``run=False`` only parses and instantiates, for tests)."""
     from jsonargparse import set_parsing_settings
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
 
     from moelora.config import MoELoRAConfig
@@ -146,6 +147,9 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             _loggers_follow_root_dir(config.trainer)
+            if config.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
+                self.trainer_defaults["callbacks"] = [c for c in self.trainer_defaults.get("callbacks", [])
+                                                      if not isinstance(c, ProgressBar)]
 
         def _parse_ckpt_path(self) -> None:
             # Lightning replaces the whole model config with the checkpoint's hyperparameters on
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         print("extra commands: " + ", ".join(EXTRA_COMMANDS) + " (moelora <command> --help)\n")
     argv = _resolve_configs(argv)
     _check_class_paths(argv)
+    from moelora.lightning.data_checks import DataError
+
     try:
         if from_command_line:
             # LightningCLI reads sys.argv itself: passing a list that differs from it warns on every run.
@@ -273,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             build_cli(None)
         else:
             build_cli(argv)
-    except SettingError as err:
+    except (SettingError, DataError) as err:  # DataError: the data module's setup, inside trainer.fit
+        if isinstance(err, DataError) and os.environ.get("MOELORA_TRACEBACK"):
+            raise
         print(f"moelora: error: {err}\n(MOELORA_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
     return 0

@@ -171,3 +171,13 @@ def test_meteora_config_without_its_loras_names_the_command_that_makes_them(tmp_
     assert main(["fit", "-c", str(meteora), "--trainer.max_steps=1"]) == 2
     err = capsys.readouterr().err
     assert "moelora: error: adapter 'topic'" in err and "moelora suite-loras -o" in err
+
+
+def test_progress_bar_can_be_turned_off(tmp_path, monkeypatch):
+    # The default RichProgressBar once made Lightning refuse --trainer.enable_progress_bar=false.
+    from lightning.pytorch.callbacks import ProgressBar
+
+    monkeypatch.chdir(tmp_path)
+    demo = [p for p in CONFIGS if p.name == "demo.yaml"][0]
+    cli = build_cli(["-c", str(demo), "--trainer.logger=false", "--trainer.enable_progress_bar=false"], run=False)
+    assert not [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]

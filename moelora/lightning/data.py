@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from moelora.data.suite import TASKS, suite_dataset
 
-from .data_checks import check_rows
+from .data_checks import DataError, DataFileNotFoundError, check_rows
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TASK_KINDS = ("sequence-classification", "causal-lm")
@@ -77,6 +77,20 @@ def resolve_path(name: str) -> str:
     return name
 
 
+def load_tokenizer(name: str):
+    """The tokenizer ``name`` (``"minilm"`` = the bundled one) as training needs it: a pad token
+    (decoder tokenizers often have none: eos, else unk) and right padding. Causal-LM labels are
+    the inputs shifted by one, so with left padding the first real token of a padded row would be
+    scored as a prediction from a pad position."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_path(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
 def load_text_dataset(source: str, *, split: str = "train"):
     """A ``datasets.Dataset`` from a local JSON/JSONL/CSV/Parquet file or a hub dataset name."""
     import datasets
@@ -84,17 +98,17 @@ def load_text_dataset(source: str, *, split: str = "train"):
     path = Path(source)
     if path.suffix.lower() in FILE_BUILDERS:
         if not path.is_file():
-            raise FileNotFoundError(f"data file {source} not found")
+            raise DataFileNotFoundError(f"data file {source} not found")
         try:
             data = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
         except Exception as err:  # an empty file raises StopIteration, a header-only CSV a builder error
-            raise ValueError(f"data file {source} could not be read as {path.suffix.lower()[1:]}: "
-                             f"{type(err).__name__}: {err or 'no rows'}") from err
+            raise DataError(f"data file {source} could not be read as {path.suffix.lower()[1:]}: "
+                            f"{type(err).__name__}: {str(err) or 'no rows'}") from err
         if len(data) == 0:
-            raise ValueError(f"data file {source} holds no rows.")
+            raise DataError(f"data file {source} holds no rows.")
         return data
     if path.exists():
-        raise ValueError(f"data file {source} has an unsupported extension; use one of {sorted(FILE_BUILDERS)}")
+        raise DataError(f"data file {source} has an unsupported extension; use one of {sorted(FILE_BUILDERS)}")
     return datasets.load_dataset(source, split=split)  # a hub name: needs the network
 
 
@@ -150,13 +164,12 @@ class TextDataModule(L.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(resolve_path(self.hparams.tokenizer))
-            if tok.pad_token is None:  # decoder tokenizers often have none
-                tok.pad_token = tok.eos_token or tok.unk_token
-            self._tokenizer = tok
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self._tokenizer
+
+    def _model(self):
+        """The LightningModule this data is trained with, when a trainer attached one."""
+        return getattr(getattr(self, "trainer", None), "lightning_module", None)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -175,8 +188,8 @@ class TextDataModule(L.LightningDataModule):
                 try:
                     split = data.train_test_split(test_size=h.val_fraction, seed=h.seed)
                 except ValueError as err:
-                    raise ValueError(f"data.val_fraction={h.val_fraction} cannot split data.dataset's {len(data)} "
-                                     f"rows ({err}). Give data.validation a file, or more rows.") from err
+                    raise DataError(f"data.val_fraction={h.val_fraction} cannot split data.dataset's {len(data)} "
+                                    f"rows ({err}). Give data.validation a file, or more rows.") from err
                 self.train_set, self.val_set = split["train"], split["test"]
             if h.test:
                 self.test_set = self._held_out("test", h.test)
@@ -185,8 +198,12 @@ class TextDataModule(L.LightningDataModule):
                 self._check(name, ds)
         limit = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(limit, int) and limit < 1_000_000 and h.max_length > limit:
-            raise ValueError(f"data.max_length={h.max_length} exceeds the tokenizer's model_max_length={limit} "
-                             "(the backbone's positions); set data.max_length <= that.")
+            raise DataError(f"data.max_length={h.max_length} exceeds the tokenizer's model_max_length={limit} "
+                            "(the backbone's positions); set data.max_length <= that.")
+        positions = getattr(self._model(), "max_positions", None)
+        if isinstance(positions, int) and h.max_length > positions:
+            raise DataError(f"data.max_length={h.max_length} exceeds the backbone's {positions} learned positions "
+                            "(its position embedding table); set data.max_length <= that.")
 
     def _held_out(self, name: str, source: str):
         """``data.validation`` / ``data.test``: a data file, or a split of the hub ``data.dataset``."""
@@ -194,8 +211,8 @@ class TextDataModule(L.LightningDataModule):
         if Path(source).suffix.lower() in FILE_BUILDERS or Path(source).exists():
             return load_text_dataset(source)
         if Path(dataset).suffix.lower() in FILE_BUILDERS:
-            raise ValueError(f"data.{name}={source!r} is not a data file ({sorted(FILE_BUILDERS)}); a split name "
-                             f"only applies to a hub dataset, and data.dataset is the file {dataset}.")
+            raise DataError(f"data.{name}={source!r} is not a data file ({sorted(FILE_BUILDERS)}); a split name "
+                            f"only applies to a hub dataset, and data.dataset is the file {dataset}.")
         return load_text_dataset(dataset, split=source)
 
     def _check(self, name: str, ds) -> None:
@@ -203,9 +220,13 @@ class TextDataModule(L.LightningDataModule):
         needed = [h.text_column] + ([h.label_column] if h.task == "sequence-classification" else [])
         missing = [c for c in needed if c not in ds.column_names]
         if missing:
-            raise ValueError(f"data.{name} lacks column(s) {missing}; it has {ds.column_names}. "
-                             "Set data.text_column / data.label_column.")
-        check_rows(name, ds, text_column=h.text_column, num_labels=h.num_labels, task_column=h.task_column,
+            raise DataError(f"data.{name} lacks column(s) {missing}; it has {ds.column_names}. "
+                            "Set data.text_column / data.label_column.")
+        # From Python, without the CLI's link, the model being trained knows the class count.
+        num_labels, model = h.num_labels, self._model()
+        if num_labels is None and model is not None:
+            num_labels = model.hparams.get("num_labels")
+        check_rows(name, ds, text_column=h.text_column, num_labels=num_labels, task_column=h.task_column,
                    label_column=h.label_column if h.task == "sequence-classification" else None)
 
     @property

@@ -23,7 +23,7 @@ from moelora.config import MoELoRAConfig, config_from_dict
 from moelora.inject import adapter_state_dict
 from moelora.state import get_state
 
-from .data import TASK_KINDS, resolve_path
+from .data import TASK_KINDS, load_tokenizer, resolve_path
 
 
 def train_fresh_heads(method: MoELoRAConfig, model: torch.nn.Module, fresh_keys: set[str]) -> MoELoRAConfig:
@@ -113,9 +113,24 @@ class MoELoRAModule(L.LightningModule):
             auto = AutoModelForCausalLM if self.hparams.task == "causal-lm" else AutoModelForSequenceClassification
             kwargs = {} if self.hparams.task == "causal-lm" else {"num_labels": self.hparams.num_labels}
             model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+            if self.hparams.task == "sequence-classification" and model.config.pad_token_id is None:
+                # A decoder classifier finds each row's last token by the pad id; the data module
+                # pads with eos (or unk) where the tokenizer has no pad token: tell the model.
+                model.config.pad_token_id = load_tokenizer(self.hparams.backbone).pad_token_id
             return model, set(info.get("missing_keys") or ())
         finally:
             hf_logging.set_verbosity(verbosity)
+
+    @property
+    def max_positions(self) -> int | None:
+        """Tokens the backbone can take: the size of a learned absolute position table (BERT's
+        ``position_embeddings``, GPT-2's ``wpe``; RoBERTa's offset by its padding index), or
+        ``None`` for rotary / relative positions. The data module checks ``max_length`` with it."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe"):
+                offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+                return module.num_embeddings - offset
+        return None
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict[str, Tensor]):
@@ -128,8 +143,12 @@ class MoELoRAModule(L.LightningModule):
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         out = self(batch)
         aux = moelora.aux_loss(self.model)
-        loss = out.loss + aux
         bs = batch["input_ids"].shape[0]
+        if self.hparams.task == "causal-lm" and not (batch["labels"][:, 1:] != -100).any():
+            # Every text of the batch is one token long: no next-token target, and the model's mean
+            # over zero targets is NaN. Train on the aux loss alone and log no loss for the batch.
+            return out.logits.sum() * 0.0 + aux
+        loss = out.loss + aux
         self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=stage != "train")
         self.log(f"{stage}/aux_loss", aux, batch_size=bs, sync_dist=stage != "train")
         if self.hparams.task == "sequence-classification":
