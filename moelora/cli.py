@@ -139,7 +139,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True):
         def instantiate_classes(self) -> None:
             try:
                 super().instantiate_classes()
-            except (ValueError, FileNotFoundError) as err:  # a bad setting: the model/data refused it
+            except (ValueError, OSError) as err:  # a bad setting (or path): the model/data refused it
                 if os.environ.get("MOELORA_TRACEBACK"):
                     raise
                 raise SettingError(str(_own_error(err))) from err

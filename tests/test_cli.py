@@ -78,6 +78,8 @@ def test_print_config(tmp_path, monkeypatch, capsys):
     ("--model.method.init_args.num_expert=4", "['num_expert'] is no field"),  # a typo, not "method None"
     # jsonargparse drops the YAML's class_path on a wrong-typed override: the value is named, not the field
     ("--model.method.init_args.top_k=two", "wrong type: top_k='two' (expected int)"),
+    # a missing local backbone, not the hub client's "Repo id must use alphanumeric chars"
+    ("--model.backbone=./nope_model", "model.backbone='./nope_model' is no directory"),
     # a bad class path as an override: jsonargparse's own error was a bare AttributeError
     ("--model.method.class_path=moelora.SiraConfig", "'moelora.SiraConfig' is not a moelora method config"),
     ("--model.method.class_path moelora.Nope", "'moelora.Nope' is not a moelora method config"),
@@ -88,7 +90,7 @@ def test_bad_value_fails_naming_the_field(tmp_path, override, field):
                            "--trainer.max_steps=1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert field in proc.stderr
-    if "init_args" in override:  # refused while the model is built: one line, no traceback pages
+    if "--model." in override:  # refused while the model is built: one line, no traceback pages
         assert "Traceback" not in proc.stderr and "Union subtypes" not in proc.stderr
 
 

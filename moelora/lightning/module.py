@@ -106,7 +106,11 @@ class MoELoRAModule(L.LightningModule):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
-        path = resolve_path(self.hparams.backbone)
+        path = str(resolve_path(self.hparams.backbone))
+        if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+            # else the hub client reports a malformed "repo id"
+            raise FileNotFoundError(f"model.backbone={path!r} is no directory; give a local model directory, a hub "
+                                    "name, or 'minilm' (the bundled all-MiniLM-L6-v2).")
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # a fresh classification head's notice is expected
         try:
