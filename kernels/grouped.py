@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import (autocast_off, check_operands, device_constant, differentiable_grads, gate_dtype,
+from .ops import (autocast_off, check_expert_ids, check_operands, device_constant, differentiable_grads, gate_dtype,
                   resolve_backend, triton_ops, without_autocast)
 
 
@@ -73,6 +73,7 @@ def build_routing_plan(expert_ids: Tensor, num_experts: int, block_m: int | None
     """
     if expert_ids.dim() != 2:
         raise ValueError(f"expert_ids must be [T, k], got shape {tuple(expert_ids.shape)}")
+    check_expert_ids("build_routing_plan", expert_ids, num_experts)
     block_m = default_block_m(expert_ids.numel(), num_experts) if block_m is None else int(block_m)
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m={block_m} is invalid: expected a power of two >= 16 (tl.dot needs 16).")
@@ -205,7 +206,8 @@ def grouped_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: 
         ranks: host ints ``r_e`` per expert (rank 0 allowed), ``Σ r_e = R``.
         scale: ``[E]`` per-expert output scale (alpha / r_e).
         plan: a :class:`RoutingPlan` of ``expert_ids`` (built here when None; pass one to share it
-            between the linears a router feeds). Only the Triton path reads it.
+            between the linears a router feeds). Only the Triton path reads it, and on a GPU it
+            is trusted (comparing it with ``expert_ids`` would be a sync): build it from these ids.
         deterministic: False lets the Triton expand add the k slots of a token with fp32 atomics
             instead of a ``[T·k, d_out]`` fp32 buffer (faster, run-to-run bits may differ).
         backend: ``"auto" | "torch" | "triton"``.
@@ -214,6 +216,8 @@ def grouped_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: 
         ``[T, d_out]`` in the adapter dtype; gradients flow to x, A, Bt and weights.
     """
     ranks = [int(r) for r in ranks]
+    if min(ranks, default=0) < 0:
+        raise ValueError(f"grouped_lora: ranks={ranks} has a negative rank; ranks are rows per expert, >= 0.")
     offsets = [0]
     for r in ranks:
         offsets.append(offsets[-1] + r)
@@ -226,7 +230,7 @@ def grouped_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: 
                          f"{tuple(expert_ids.shape)}, weights {tuple(weights.shape)}")
     if scale.shape != (E,):
         raise ValueError(f"grouped_lora: scale must be [E] = [{E}], got {tuple(scale.shape)}")
-    check_operands("grouped_lora", x, A, Bt, expert_ids, E)
+    check_operands("grouped_lora", x, A, Bt, expert_ids, E, weights=weights, scale=scale)
     impl = resolve_backend(backend, x.device, x.dtype)
     if plan is None:
         if impl == "torch":
@@ -240,6 +244,14 @@ def grouped_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: 
         raise ValueError(f"grouped_lora: plan was built for {plan.num_slots} slots, k={plan.top_k}, "
                          f"E={plan.num_experts}; the routing has {expert_ids.numel()} slots, "
                          f"k={expert_ids.shape[1]}, E={E}. Rebuild it with build_routing_plan.")
+    elif impl == "triton" and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Only the Triton path reads a plan, and it trusts it: a plan of another routing of the
+        # same shape would compute that routing. Compared on CPU (the interpreter) only; on a GPU
+        # that would be a sync per linear, so there the plan must come from these expert_ids.
+        own = build_routing_plan(expert_ids, E, plan.block_m)
+        if not (torch.equal(own.sorted_slot_ids, plan.sorted_slot_ids) and torch.equal(own.block_expert, plan.block_expert)):
+            raise ValueError("grouped_lora: plan was built from other expert_ids than this call's (same shape, "
+                             "other routing); build it with build_routing_plan(expert_ids, num_experts).")
     roff_t = device_constant(offsets, x.device, torch.int32)
     precise = gate_dtype(A)
     with autocast_off(x.device.type):

@@ -143,16 +143,26 @@ def device_constant(values: Sequence[int | float], device: torch.device | str,
 
 
 def check_operands(op: str, x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor | None = None,
-                   num_experts: int | None = None) -> None:
+                   num_experts: int | None = None, **others: Tensor | None) -> None:
     """Raise a ``ValueError`` that names the argument and the fix when ``x``, ``A``, ``Bt`` differ
-    in dtype, or ``expert_ids`` is not an integer tensor or (CPU tensors only) holds an id
-    outside ``[-1, num_experts)``. The range is not read on a GPU: that would be a device sync
-    per layer per forward; there an out-of-range id's slot is ignored by the Triton path."""
+    in dtype, any operand (``others`` included: weights, scales, ...) is on another device than
+    ``x``, or ``expert_ids`` is not an integer tensor or (CPU tensors only) holds an id outside
+    ``[-1, num_experts)``. The range is not read on a GPU: that would be a device sync per layer
+    per forward; there an out-of-range id's slot is ignored by the Triton path."""
     if not (x.dtype == A.dtype == Bt.dtype):
         raise ValueError(f"{op}: x is {x.dtype}, A is {A.dtype}, Bt is {Bt.dtype}; they must share the "
                          f"adapter dtype. Cast the input first, e.g. x.to(A.dtype).")
+    named = {"A": A, "Bt": Bt, "expert_ids": expert_ids, **others}
+    away = {n: str(t.device) for n, t in named.items() if t is not None and t.device != x.device}
+    if away:
+        raise ValueError(f"{op}: x is on {x.device} but {away} are not; move every operand to one device.")
     if expert_ids is None:
         return
+    check_expert_ids(op, expert_ids, num_experts)
+
+
+def check_expert_ids(op: str, expert_ids: Tensor, num_experts: int | None) -> None:
+    """``expert_ids`` is an integer tensor and (CPU only, see :func:`check_operands`) in ``[-1, E)``."""
     if expert_ids.dtype.is_floating_point or expert_ids.dtype.is_complex or expert_ids.dtype == torch.bool:
         raise ValueError(f"{op}: expert_ids must be an integer tensor (int64 or int32), got {expert_ids.dtype}.")
     if (num_experts is not None and expert_ids.device.type == "cpu" and expert_ids.numel()
@@ -162,6 +172,50 @@ def check_operands(op: str, x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor
             raise ValueError(f"{op}: expert_ids holds ids in [{lo}, {hi}], outside [-1, {num_experts}) for "
                              f"num_experts={num_experts} (-1 marks an empty slot). Check the router's "
                              f"expert count against the bank's.")
+
+
+_CHECKED_LAYOUTS: dict[tuple, bool] = {}
+
+
+def check_bank_layout(op: str, col_expert: Tensor, num_experts: int, ranks: Sequence[int] | None) -> list[int] | None:
+    """Check the rank-major bank layout ``gated_lora`` is given; returns ``ranks`` as ints.
+
+    ``col_expert`` must be an integer ``[R]`` tensor, sorted, in ``[0, E)`` and (when ``ranks`` is
+    given) holding ``ranks[e]`` rows of expert ``e``; ``ranks`` must be E ints >= 0 summing to R.
+    A wrong layout is otherwise silent: the dense path reads ``col_expert`` and the grouped path
+    (taken above :data:`DENSE_MAX_RANK`) reads ``ranks``, so a model would change its output when
+    it grows. The values of ``col_expert`` are read on CPU only (a sync on a GPU), once per
+    buffer version: the bank's ``col_expert`` is a constant, checked at its first forward."""
+    if col_expert.dtype.is_floating_point or col_expert.dtype.is_complex or col_expert.dtype == torch.bool:
+        raise ValueError(f"{op}: col_expert must be an integer tensor (int64), got {col_expert.dtype}.")
+    R = col_expert.shape[0]
+    if ranks is not None:
+        ranks = [int(r) for r in ranks]
+        if len(ranks) != num_experts or min(ranks, default=0) < 0 or sum(ranks) != R:
+            raise ValueError(f"{op}: ranks={ranks} must be num_experts={num_experts} integers >= 0 summing to "
+                             f"R={R} (the bank's rows).")
+    if col_expert.device.type != "cpu" or not R or torch.compiler.is_compiling():
+        return ranks
+    # inference tensors keep no version counter: checked every call
+    key = None if col_expert.is_inference() else \
+        (col_expert.data_ptr(), col_expert._version, R, num_experts, None if ranks is None else tuple(ranks))
+    if key in _CHECKED_LAYOUTS:
+        return ranks
+    counts = torch.bincount(col_expert.clamp(0, max(num_experts - 1, 0)), minlength=num_experts)
+    sorted_ok = bool((col_expert[1:] >= col_expert[:-1]).all())
+    lo, hi = (int(v) for v in torch.aminmax(col_expert))
+    if not sorted_ok or lo < 0 or hi >= num_experts:
+        raise ValueError(f"{op}: col_expert must be sorted expert ids in [0, {num_experts}) (the bank is rank-major: "
+                         f"expert e's rows are contiguous); it holds ids in [{lo}, {hi}]"
+                         f"{'' if sorted_ok else ', not sorted'}.")
+    if ranks is not None and counts.tolist() != ranks:
+        raise ValueError(f"{op}: ranks={ranks} disagree with col_expert, which holds {counts.tolist()} rows per "
+                         f"expert; pass the bank's own ranks.")
+    if key is not None:
+        if len(_CHECKED_LAYOUTS) >= 4096:
+            _CHECKED_LAYOUTS.clear()
+        _CHECKED_LAYOUTS[key] = True
+    return ranks
 
 
 def triton_ops():
@@ -295,6 +349,9 @@ def gated_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Te
     if col_expert.shape != (A.shape[0],) or col_scale.shape != (A.shape[0],):
         raise ValueError(f"gated_lora: col_expert {tuple(col_expert.shape)} and col_scale "
                          f"{tuple(col_scale.shape)} must both be [R] with R = {A.shape[0]}")
+    check_operands("gated_lora", x, A, Bt, expert_ids, num_experts, weights=weights, col_expert=col_expert,
+                   col_scale=col_scale)
+    ranks = check_bank_layout("gated_lora", col_expert, num_experts, ranks)
     impl = resolve_backend(backend, x.device, x.dtype)
     if not dense_max_rank(impl, A.shape[0], num_experts, expert_ids.shape[1]):
         from .grouped import grouped_lora  # which checks the operands itself
@@ -306,7 +363,6 @@ def gated_lora(x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor, weights: Te
             offsets.append(offsets[-1] + int(r))
         first = device_constant([min(o, A.shape[0] - 1) for o in offsets[:-1]], col_scale.device)
         return grouped_lora(x, A, Bt, expert_ids, weights, ranks, col_scale[first], backend=impl)
-    check_operands("gated_lora", x, A, Bt, expert_ids, num_experts)
     precise = gate_dtype(A)
     args = (x, A, Bt, weights.to(precise), expert_ids, col_expert, col_scale.to(precise), num_experts, impl)
     with autocast_off(x.device.type):

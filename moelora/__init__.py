@@ -8,6 +8,9 @@
 
 Nothing here imports triton: the Triton kernels load on first use, so ``import moelora`` works on
 machines without triton or a GPU.
+
+Docstrings cite the project's design notes as "design §N" and "research/<file>.md §N": those are
+``../shared/design.md`` and ``../shared/research/`` beside the repository, not files in it.
 """
 
 from .balance import LayerStats, LoadTracker

@@ -81,7 +81,7 @@ class MeteoRARouter(nn.Module):
 
     def forward(self, x: Tensor, *, token_mask: Tensor | None = None) -> Routing:
         """Route ``x [T, d_in]``; ``token_mask [T]`` bool excludes padding from the gate loss."""
-        logits = self.logits(x)
+        clean = logits = self.logits(x)
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         if self.training:
@@ -96,7 +96,7 @@ class MeteoRARouter(nn.Module):
         if self.forced is not None:
             expert_ids, weights = self._forced_routing(x.shape[0], logits)
         return Routing(expert_ids=expert_ids, weights=weights, probs=probs,
-                       aux_loss=self._gate_loss(logits, token_mask))
+                       aux_loss=self._gate_loss(clean, token_mask))  # supervises W_g x, not the noise
 
     def _forced_routing(self, num_tokens: int, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Every token to the experts with a non-zero forced weight, with those weights."""

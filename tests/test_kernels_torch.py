@@ -266,6 +266,49 @@ def test_bad_inputs_name_the_problem():
         K.grouped_lora(x, A, Bt, ids.float(), w, [2, 2], scale)
 
 
+def test_bank_layout_plan_and_devices_are_checked():
+    # Each of these once passed silently: the dense path read col_expert, the grouped path
+    # (above DENSE_MAX_RANK) the ranks, and the Triton path a plan of any routing of the right
+    # shape, so a wrong layout gave another result per path or backend.
+    A, Bt, col_expert, col_scale, scale = make_bank([2, 3], 4, 3)
+    ids, w = make_routing(5, 2, 1, "random")
+    x = torch.randn(5, 4)
+
+    def gated(col=col_expert, ranks=None, **kw):
+        return K.gated_lora(x, A, Bt, ids, w, col, col_scale, num_experts=2, ranks=ranks, backend="torch", **kw)
+
+    gated(ranks=[2, 3])  # the bank's own layout
+    for bad, match in ((col_expert.flip(0), "not sorted"), (col_expert - 1, r"ids in \[-1, 0\]"),
+                       (col_expert + 1, r"in \[0, 2\)"), (col_expert.float(), "col_expert must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            gated(bad)
+    for ranks, match in (([3, 2], r"disagree with col_expert, which holds \[2, 3\]"),
+                         ([2, 4], "summing to R=5"), ([6, -1], "integers >= 0"), ([5], "num_experts=2")):
+        with pytest.raises(ValueError, match=match):
+            gated(ranks=ranks)
+    with pytest.raises(ValueError, match="negative rank"):
+        K.grouped_lora(x, torch.randn(5, 4), torch.randn(5, 3), ids, w, [6, -1], scale)
+    with pytest.raises(ValueError, match=r"build_routing_plan: expert_ids holds ids in \[.*outside \[-1, 2\)"):
+        K.build_routing_plan(ids + 5, 2)
+    with pytest.raises(ValueError, match="integer tensor"):
+        K.build_routing_plan(ids.float(), 2)
+    with pytest.raises(ValueError, match=r"on cpu but \{'weights': 'meta'\}"):
+        K.gated_lora(x, A, Bt, ids, w.to("meta"), col_expert, col_scale, num_experts=2, backend="torch")
+    with pytest.raises(ValueError, match=r"'scale': 'meta'"):
+        K.grouped_lora(x, A, Bt, ids, w, [2, 3], scale.to("meta"))
+
+
+@pytest.mark.triton
+def test_a_plan_of_another_routing_is_refused_on_the_triton_path():
+    A, Bt, col_expert, col_scale, scale = make_bank([2, 3], 4, 3)
+    ids, w = make_routing(5, 2, 1, "random")
+    x = torch.randn(5, 4)
+    other = torch.where(ids >= 0, 1 - ids, ids)  # same shape and experts, another routing
+    K.grouped_lora(x, A, Bt, ids, w, [2, 3], scale, plan=K.build_routing_plan(ids, 2), backend="triton")
+    with pytest.raises(ValueError, match="plan was built from other expert_ids"):
+        K.grouped_lora(x, A, Bt, ids, w, [2, 3], scale, plan=K.build_routing_plan(other, 2), backend="triton")
+
+
 def test_top_level_kernels_import_is_an_inert_shell():
     """With the repo root on sys.path, transformers imports ``kernels`` while probing for Hugging
     Face's package of that name. That copy must not register the moelora custom ops a second time

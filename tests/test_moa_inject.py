@@ -4,6 +4,7 @@ expert, bad types / paths / layers) leave the model unchanged; custom blocks by 
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -247,3 +248,17 @@ def test_lightning_module_checkpoints_and_optimises_moa_weights():
     groups = {g["name"]: g["params"] for g in module.configure_optimizers().param_groups}
     router_ids = {id(p) for n, p in module.named_parameters() if ".moa.router." in n}
     assert {id(p) for p in groups["routers"]} == router_ids  # no weight decay on the routers
+
+
+def test_settings_that_change_nothing_are_refused_or_warned():
+    # rank_per_type for a type not in lora_types, and sparse-only fields on soft MoA, once passed
+    # silently: the run trained without them.
+    with pytest.raises(ValueError, match=r"\['v'\] get no LoRA"):
+        moelora.MoAConfig(lora_types=["q"], rank_per_type={"v": 2})
+    with pytest.raises(ValueError, match=r"alpha_per_type.*\['down'\] get no LoRA"):
+        moelora.MoAConfig(lora_types=["q", "v"], alpha_per_type={"q": 4.0, "down": 2.0})
+    with pytest.warns(UserWarning, match=r"\['threshold_grad'\] only apply to variant='sparse'"):
+        moelora.MoAConfig(variant="soft", threshold_grad="ste")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moelora.MoAConfig(variant="sparse", threshold_grad="ste", lora_types=["q"], rank_per_type={"q": 2})

@@ -23,6 +23,7 @@ reference implementation) unless noted, and each difference is a field:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -187,6 +188,14 @@ class MoAConfig(MoELoRAConfig):
                 continue
             if not isinstance(value, dict) or not all(k in LORA_TYPES and check(v) for k, v in value.items()):
                 _fail(name, value, f"an object {{type: value}} with types from {LORA_TYPES} and values {what}")
+            unused = sorted(set(value) - set(self.types))
+            if unused:  # a typo or a forgotten lora_types entry would otherwise change nothing
+                _fail(name, value, f"types in use only (lora_types = {self.types}); {unused} get no LoRA")
+        sparse_only = [n for n, default in (("max_threshold", 0.5), ("const_threshold", False), ("threshold_grad", "none"))
+                       if getattr(self, n) != default]
+        if self.variant == "soft" and sparse_only:
+            warnings.warn(f"MoAConfig: {sparse_only} only apply to variant='sparse'; soft MoA runs every expert "
+                          "and ignores them.", UserWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ derived
     @property

@@ -18,8 +18,8 @@ Plain PyTorch (Lightning does the same through the callback MoELoRAModule adds i
 The building blocks are public too: :func:`hard_threshold`, :func:`disconnect`,
 :func:`expand_ranks`, :func:`add_gates` (ω gates on an adapter that already exists, e.g. a
 trained MoE-LoRA or a MeteoRA fusion, to keep only its necessary experts), :func:`omega_values`,
-:func:`record_gates`, :func:`param_groups`, :func:`fold_omega` (before
-:func:`moelora.export_lora_adapters`, which does not read ω). Semantics and defaults:
+:func:`record_gates`, :func:`param_groups`, :func:`fold_omega` (ω into B, for tools that
+read B alone; :func:`moelora.export_lora_adapters` folds ω itself). Semantics and defaults:
 :mod:`.weightlora_config`.
 """
 
