@@ -13,6 +13,8 @@ Docstrings cite the project's design notes as "design §N" and "research/<file>.
 ``../shared/design.md`` and ``../shared/research/`` beside the repository, not files in it.
 """
 
+import sys
+
 from .balance import LayerStats, LoadTracker
 from .checkpointing import checkpoint
 from .config import MoELoRAConfig, config_from_dict, register_config
@@ -58,6 +60,8 @@ __all__ += ["MoABlock", "MoAConfig", "MoAGates", "MoALoRALinear", "MoARouter", "
 
 # WeightLoRA / WeightLoRA+: a trainable weight per head (or expert), kept K-sparse, then pruned.
 from .methods import weightlora
+
+sys.modules[f"{__name__}.weightlora"] = weightlora  # `import moelora.weightlora`, as README writes it
 from .methods.weightlora import WeightLoRAController, add_gates
 from .methods.weightlora_config import WeightLoRAConfig
 

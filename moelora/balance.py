@@ -97,7 +97,7 @@ class LayerStats:
         return self.counts.numel()
 
     def grow_tasks(self, num_tasks: int) -> Tensor:
-        """``task_counts`` with at least ``num_tasks`` rows (new rows are zero)."""
+        """``task_counts [max(N, num_tasks), E]``: at least ``num_tasks`` rows (new rows are zero)."""
         have = 0 if self.task_counts is None else self.task_counts.shape[0]
         if num_tasks > have:
             grown = torch.zeros(num_tasks, self.num_experts, dtype=torch.float64)

@@ -76,7 +76,7 @@ class MoELoRALinear(nn.Module):
         delta = gated_lora(self.dropout(flat.to(self.bank.A.dtype)), self.bank.A, self.bank.Bt,
                            routing.expert_ids, routing.weights, self.bank.col_expert, self.bank.col_scale(),
                            num_experts=self.bank.num_experts, backend=self.backend,
-                           ranks=self.bank.ranks)
+                           ranks=self.bank.ranks, check_layout=False)  # an ExpertBank: valid as built
         if not recompute:
             self._remember(routing, mask)
         return delta
@@ -103,7 +103,8 @@ class MoELoRALinear(nn.Module):
         return state
 
     def pop_aux_loss(self) -> Tensor | None:
-        """The aux loss of the last forward (then forgotten, so the graph is not kept alive)."""
+        """The aux loss of the last forward, a 0-d tensor or None (then forgotten, so the graph
+        is not kept alive)."""
         loss, self._aux_loss = self._aux_loss, None
         return loss
 

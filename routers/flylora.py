@@ -67,8 +67,9 @@ class FlyLoRARouter(FullPrecisionBuffers, nn.Module):
         return self.bias
 
     def routing(self, topk_idx: Tensor) -> Routing:
-        """The routing record of one forward: chosen ranks as expert ids, unit weights (the value
-        is ``h`` itself, not a gate), no probabilities, no aux loss."""
+        """The routing record of one forward from ``topk_idx [T, k]`` (chosen ranks): the ranks as
+        expert ids, unit weights ``[T, k]`` (the value is ``h`` itself, not a gate), no
+        probabilities, no aux loss."""
         return Routing(expert_ids=topk_idx, weights=torch.ones(topk_idx.shape, device=topk_idx.device))
 
     @torch.no_grad()
@@ -88,7 +89,8 @@ class FlyLoRARouter(FullPrecisionBuffers, nn.Module):
 
     @torch.no_grad()
     def update(self, topk_idx: Tensor, token_mask: Tensor | None = None) -> None:
-        """Apply ``d ← d + u · sign(mean(c) − c)`` for one training forward (no autograd).
+        """Apply ``d ← d + u · sign(mean(c) − c)`` for one training forward (no autograd), with
+        ``c [r]`` the :meth:`counts` of ``topk_idx [T, k]`` over the ``token_mask [T]`` tokens.
 
         A collective under ``torch.distributed``: every rank must call it for the same layers in
         the same order (as DDP's forwards do), and all ranks end with the same bias.

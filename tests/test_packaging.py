@@ -120,3 +120,10 @@ def test_readme_tour_runs_and_does_what_its_comments_say(tmp_path, monkeypatch, 
     exec(compile("with moelora.disable_adapters" + rest, "README.md#tour", "exec"), scope)
     assert not moelora.wrapped_layers(loaded)
     assert {n: p.requires_grad for n, p in loaded.named_parameters()} == fresh_requires_grad
+
+
+def test_weightlora_imports_by_the_path_the_readme_writes():
+    # moelora.weightlora worked as an attribute only: `from moelora.weightlora import ...` failed.
+    code = "from moelora.weightlora import param_groups, hard_threshold; import moelora.weightlora; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

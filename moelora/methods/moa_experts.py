@@ -46,6 +46,7 @@ class ParallelAdapter(nn.Module):
         self.up = _xavier(adapter_size, hidden_size, init_gain, generator, dtype)
 
     def forward(self, h: Tensor) -> Tensor:
+        """``h [..., d]`` → ``P(h) [..., d]``."""
         return self.up(F.silu(self.down(h)))
 
 
@@ -171,7 +172,8 @@ class MoALoRALinear(MoELoRALinear):
         bank = self.bank
         ids = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
         return gated_lora(self.dropout(x.to(bank.A.dtype)), bank.A, bank.Bt, ids, w.unsqueeze(1), bank.col_expert,
-                          bank.col_scale(), num_experts=1, backend=self.backend, ranks=bank.ranks)
+                          bank.col_scale(), num_experts=1, backend=self.backend, ranks=bank.ranks,
+                          check_layout=False)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, type={self.type_name!r}, backend={self.backend!r}"
