@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # Sub-commands outside LightningCLI: name -> "module:function" taking argv and returning an exit code.
@@ -105,8 +106,6 @@ def _warn_replaced_on_resume(before: dict[str, object], after: dict[str, object]
     those: a method fills some fields in itself, e.g. MeteoRA's targets, WeightLoRA's stage)."""
     changed = sorted(k for k in given if k in before and k in after and before[k] != after[k])
     if changed:
-        import warnings
-
         listed = ", ".join(f"{k}: given {before[k]!r}, checkpoint {after[k]!r}" for k in changed)
         warnings.warn(f"resuming from {ckpt_path}: the checkpoint's model settings replace these given ones "
                       f"({listed}). A resumed run keeps the model it was trained with; start a new run "

@@ -38,7 +38,9 @@ class RoutingLogger(L.Callback):
 
     Forwards of validation runs inside ``fit`` (the sanity check included) are left out of the
     window: they route with other settings (SiRA's eval capacity, no expert dropout) and the
-    scalars are training ones, as the routing report's windows are. Keys are bounded: ``routing/<layer>/<metric>`` for the four metrics in :data:`METRICS`, plus
+    scalars are training ones, as the routing report's windows are.
+
+    Keys are bounded: ``routing/<layer>/<metric>`` for the four metrics in :data:`METRICS`, plus
     their means over layers. At the end of ``fit`` the run's cumulative statistics go to
     ``<log_dir>/routing_stats.json``: those of this ``fit`` (the tracker is not in checkpoints, so
     a resumed run counts from its resume step).
