@@ -161,9 +161,13 @@ def check_operands(op: str, x: Tensor, A: Tensor, Bt: Tensor, expert_ids: Tensor
     check_expert_ids(op, expert_ids, num_experts)
 
 
+def _is_integer(t: Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
 def check_expert_ids(op: str, expert_ids: Tensor, num_experts: int | None) -> None:
     """``expert_ids`` is an integer tensor and (CPU only, see :func:`check_operands`) in ``[-1, E)``."""
-    if expert_ids.dtype.is_floating_point or expert_ids.dtype.is_complex or expert_ids.dtype == torch.bool:
+    if not _is_integer(expert_ids):
         raise ValueError(f"{op}: expert_ids must be an integer tensor (int64 or int32), got {expert_ids.dtype}.")
     if (num_experts is not None and expert_ids.device.type == "cpu" and expert_ids.numel()
             and not torch.compiler.is_compiling()):
@@ -186,7 +190,7 @@ def check_bank_layout(op: str, col_expert: Tensor, num_experts: int, ranks: Sequ
     (taken above :data:`DENSE_MAX_RANK`) reads ``ranks``, so a model would change its output when
     it grows. The values of ``col_expert`` are read on CPU only (a sync on a GPU), once per
     buffer version: the bank's ``col_expert`` is a constant, checked at its first forward."""
-    if col_expert.dtype.is_floating_point or col_expert.dtype.is_complex or col_expert.dtype == torch.bool:
+    if not _is_integer(col_expert):
         raise ValueError(f"{op}: col_expert must be an integer tensor (int64), got {col_expert.dtype}.")
     R = col_expert.shape[0]
     if ranks is not None:
@@ -201,15 +205,15 @@ def check_bank_layout(op: str, col_expert: Tensor, num_experts: int, ranks: Sequ
         (col_expert.data_ptr(), col_expert._version, R, num_experts, None if ranks is None else tuple(ranks))
     if key in _CHECKED_LAYOUTS:
         return ranks
-    counts = torch.bincount(col_expert.clamp(0, max(num_experts - 1, 0)), minlength=num_experts)
     sorted_ok = bool((col_expert[1:] >= col_expert[:-1]).all())
     lo, hi = (int(v) for v in torch.aminmax(col_expert))
     if not sorted_ok or lo < 0 or hi >= num_experts:
         raise ValueError(f"{op}: col_expert must be sorted expert ids in [0, {num_experts}) (the bank is rank-major: "
                          f"expert e's rows are contiguous); it holds ids in [{lo}, {hi}]"
                          f"{'' if sorted_ok else ', not sorted'}.")
-    if ranks is not None and counts.tolist() != ranks:
-        raise ValueError(f"{op}: ranks={ranks} disagree with col_expert, which holds {counts.tolist()} rows per "
+    counts = torch.bincount(col_expert, minlength=num_experts).tolist() if ranks is not None else None
+    if counts != ranks:
+        raise ValueError(f"{op}: ranks={ranks} disagree with col_expert, which holds {counts} rows per "
                          f"expert; pass the bank's own ranks.")
     if key is not None:
         if len(_CHECKED_LAYOUTS) >= 4096:

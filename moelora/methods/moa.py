@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +43,8 @@ from .moa_experts import MoALoRALinear, ParallelAdapter, PromptExpert
 from .moa_layout import LORA_TYPES, TYPE_ORDER, check_block, find_blocks
 
 VARIANTS = ("soft", "sparse")
+#: Fields only sparse MoA reads (soft MoA runs every expert): setting them on soft MoA warns.
+SPARSE_ONLY = ("max_threshold", "const_threshold", "threshold_grad")
 ROUTER_INPUTS = ("residual", "normed")
 HOLDER = "moa"  # the child added to every adapted block
 
@@ -191,8 +194,8 @@ class MoAConfig(MoELoRAConfig):
             unused = sorted(set(value) - set(self.types))
             if unused:  # a typo or a forgotten lora_types entry would otherwise change nothing
                 _fail(name, value, f"types in use only (lora_types = {self.types}); {unused} get no LoRA")
-        sparse_only = [n for n, default in (("max_threshold", 0.5), ("const_threshold", False), ("threshold_grad", "none"))
-                       if getattr(self, n) != default]
+        sparse_only = [f.name for f in dataclasses.fields(self)
+                       if f.name in SPARSE_ONLY and getattr(self, f.name) != f.default]
         if self.variant == "soft" and sparse_only:
             warnings.warn(f"MoAConfig: {sparse_only} only apply to variant='sparse'; soft MoA runs every expert "
                           "and ignores them.", UserWarning, stacklevel=4)
