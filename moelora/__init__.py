@@ -15,7 +15,7 @@ Docstrings cite the project's design notes as "design §N" and "research/<file>.
 
 import sys
 
-from .balance import LayerStats, LoadTracker
+from .tracker import LayerStats, LoadTracker
 from .checkpointing import checkpoint
 from .config import MoELoRAConfig, config_from_dict, register_config
 from .experts import ExpertBank

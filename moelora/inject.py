@@ -329,7 +329,7 @@ def aux_loss(model: nn.Module) -> Tensor:
 
 
 def routing_stats(model: nn.Module, *, sync: bool = False):
-    """The model's :class:`~moelora.balance.LoadTracker` (per-layer counts, probs, drops, entropy).
+    """The model's :class:`~moelora.tracker.LoadTracker` (per-layer counts, probs, drops, entropy).
 
     Args:
         sync: return a copy summed across distributed ranks (a collective: call it on every rank).

@@ -73,7 +73,7 @@ class MoELoRALinear(nn.Module):
         """The routed expert output ``[T, d_out]`` for tokens ``flat [T, d_in]`` (the part a
         method overrides); records routing unless this is a checkpoint recomputation."""
         routing = self.router(flat, token_mask=mask)
-        delta = gated_lora(self.dropout(flat.to(self.bank.A.dtype)), self.bank.A, self.bank.Bt,
+        delta = gated_lora(self._expert_input(flat), self.bank.A, self.bank.Bt,
                            routing.expert_ids, routing.weights, self.bank.col_expert, self.bank.col_scale(),
                            num_experts=self.bank.num_experts, backend=self.backend,
                            ranks=self.bank.ranks, check_layout=False)  # an ExpertBank: valid as built
@@ -81,19 +81,25 @@ class MoELoRALinear(nn.Module):
             self._remember(routing, mask)
         return delta
 
+    def _expert_input(self, flat: Tensor) -> Tensor:
+        """``flat [T, d_in]`` in the bank's dtype, through the expert-input dropout."""
+        x = flat.to(self.bank.A.dtype)
+        # Outside training (or at p = 0) dropout is the identity: skip the module call (~3 µs).
+        return self.dropout(x) if self.training and type(self.dropout) is not nn.Identity else x
+
     def _remember(self, routing, mask: Tensor | None) -> None:
         state = self._state
         tasks = state.task_ids_for(routing.expert_ids.shape[0])
         state.tracker.record(self.name, self.bank.num_experts, routing.expert_ids, routing.probs,
                              routing.dropped, mask, task_ids=tasks,
                              num_tasks=state.task_rows() if tasks is not None else None)
-        self._aux_loss = routing.aux_loss
+        aux = routing.aux_loss
         # Reentrant checkpointing runs the first forward under no_grad: the aux loss would be a
         # constant and balancing silently off. Remember it so aux_loss() can say so.
-        self._aux_detached = routing.aux_loss is not None and not routing.aux_loss.requires_grad \
-            and any(p.requires_grad for p in self.router.parameters())
-        self.last_expert_ids = routing.expert_ids.detach()
-        self.last_weights = routing.weights.detach()
+        detached = aux is not None and not aux.requires_grad and any(p.requires_grad for p in self.router.parameters())
+        # Plain attributes, set past nn.Module.__setattr__ (~2 µs each, per layer per decode step).
+        self.__dict__.update(_aux_loss=aux, _aux_detached=detached, last_expert_ids=routing.expert_ids.detach(),
+                             last_weights=routing.weights.detach())
 
     def __getstate__(self) -> dict:
         # The pending aux loss is part of the last forward's autograd graph: copy.deepcopy (EMA,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .balance import LoadTracker
+from .tracker import LoadTracker
 from .config import MoELoRAConfig
 
 STATE_ATTR = "_moelora_state"

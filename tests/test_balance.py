@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelora.balance import LoadTracker
+from moelora.tracker import LoadTracker
 
 
 def test_statistics_by_hand():
@@ -76,29 +76,61 @@ def _loop_statistics(batches, num_experts):
     return counts, probs_sum, co, tasks, tokens
 
 
-def test_accumulated_statistics_equal_a_loop_over_tokens():
+@pytest.mark.parametrize("defer_tokens, defer_entries", [(0, 1024), (64, 1024), (64, 2), (7, 1024)],
+                         ids=["one-by-one", "deferred", "deferred-flushed-every-2", "mixed"])
+def test_accumulated_statistics_equal_a_loop_over_tokens(defer_tokens, defer_entries):
+    # Deferred small forwards are added in batches, concatenated: the sums must not change.
     g = torch.Generator().manual_seed(0)
     E, batches = 5, []
+    dropped_sum = torch.zeros(E, dtype=torch.float64)
     tracker = LoadTracker()
-    for T in (7, 1, 12):
+    tracker.DEFER_MAX_TOKENS, tracker.DEFER_ENTRIES = defer_tokens, defer_entries
+    for step, T in enumerate((7, 1, 12, 3, 1, 5)):
         ids = torch.randint(-1, E, (T, 2), generator=g)
         probs = torch.rand(T, E, generator=g).softmax(-1)
-        mask = torch.rand(T, generator=g) > 0.3
-        task = torch.randint(-1, 3, (T,), generator=g)
-        probs[~mask] = float("nan")  # padding rows may hold anything: they must not leak in
-        tracker.record("l", E, ids, probs, None, mask, task_ids=task, num_tasks=4)
-        batches.append((ids, probs, mask, task))
+        mask = None if step == 3 else torch.rand(T, generator=g) > 0.3
+        task = None if step == 4 else torch.randint(-1, 3, (T,), generator=g)
+        dropped = torch.randint(0, 3, (E,), generator=g) if step % 2 else None
+        if mask is not None:
+            probs[~mask] = float("nan")  # padding rows may hold anything: they must not leak in
+        tracker.record("l", E, ids, probs, dropped, mask, task_ids=task, num_tasks=None if step == 5 else 4)
+        batches.append((ids, probs, None if mask is None else mask.clone(), task))
+        dropped_sum += 0 if dropped is None else dropped
+        if mask is not None:
+            mask.fill_(True)  # the caller's tensor, refilled in place before a deferred add
         if T == 1:
             tracker.layers  # reading in the middle settles; later records still add up
     counts, probs_sum, co, tasks, tokens = _loop_statistics(batches, E)
     s = tracker.layers["l"]
     assert s.counts.tolist() == counts and s.coactivation.tolist() == co
-    assert s.tokens == tokens and s.forwards == 3
+    assert s.tokens == tokens and s.forwards == 6
+    assert s.dropped.tolist() == dropped_sum.tolist()
     torch.testing.assert_close(s.prob_sum, torch.tensor(probs_sum, dtype=torch.float64))
     for task_id in range(s.task_counts.shape[0]):
         assert s.task_counts[task_id].tolist() == tasks.get(task_id, [0.0] * E)
 
 
+def test_deferred_forwards_are_kept_when_recording_stops_and_dropped_by_reset():
+    tracker = LoadTracker()
+    tracker.record("l", 3, torch.tensor([[0], [2]]), None, None, None)
+    tracker.enabled = False  # stops recording; what was recorded (but not yet added) stays
+    tracker.record("l", 3, torch.tensor([[1]]), None, None, None)
+    assert tracker.layers["l"].counts.tolist() == [1, 0, 1] and tracker.layers["l"].forwards == 1
+    tracker.enabled = True
+    tracker.record("l", 3, torch.tensor([[1]]), None, None, None)
+    tracker.reset()
+    assert tracker.layers == {}
+
+
+def test_deferred_routings_of_layers_and_expert_counts_stay_apart():
+    tracker = LoadTracker()
+    tracker.record("a", 3, torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5, 0.0]]), None, None)
+    tracker.record("b", 2, torch.tensor([[1]]), None, None, None)
+    tracker.record("a", 3, torch.tensor([[2, 1]]), torch.tensor([[0.0, 0.25, 0.75]]), None, None)
+    layers = tracker.layers
+    assert layers["a"].counts.tolist() == [1, 2, 1] and layers["a"].forwards == 2
+    assert layers["a"].prob_sum.tolist() == [0.5, 0.75, 0.75]
+    assert layers["b"].counts.tolist() == [0, 1] and layers["b"].tokens == 1
 
 
 def _free_port():

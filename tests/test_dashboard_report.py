@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from moelora.balance import LayerStats
+from moelora.tracker import LayerStats
 from moelora.dashboard import analysis as A
 from moelora.dashboard import figures as F
 from moelora.dashboard.cli import report_main

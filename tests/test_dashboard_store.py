@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelora.balance import LayerStats, LoadTracker
+from moelora.tracker import LayerStats, LoadTracker
 from moelora.dashboard.store import RoutingStore, decode_layer, encode_layer, find_store, read_store, record_problem
 
 
@@ -203,7 +203,7 @@ def test_windows_whose_expert_count_changes_are_skipped_with_the_reason(tmp_path
 
 _WRITER = """
 import sys, torch
-from moelora.balance import LoadTracker
+from moelora.tracker import LoadTracker
 from moelora.dashboard.store import RoutingStore
 t = LoadTracker()
 t.record("l", 64, torch.randint(0, 64, (500, 8)), None, None, None)

@@ -78,6 +78,29 @@ def test_torch_ops_match_float64_loop(T, pattern, k):
             assert rel(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("path", ["compare", "scatter"])
+def test_column_gate_both_formulations_equal_a_loop(monkeypatch, path):
+    # Small T·k·R compares slots with columns, larger scatters per expert: one loop oracle for both.
+    monkeypatch.setattr(reference, "COMPARE_GATE_MAX", 10**9 if path == "compare" else 0)
+    ranks = [2, 0, 3, 1]
+    col_expert = torch.repeat_interleave(torch.arange(4), torch.tensor(ranks))
+    col_scale = torch.tensor([0.5, 2.0, 3.0])[torch.tensor([0, 0, 1, 1, 1, 2])].double()
+    ids = torch.tensor([[0, 2], [3, -1], [-1, -1], [2, 2], [1, 3]])
+    w = torch.rand(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w[1, 1] = w[2, 0] = float("nan")  # an empty slot's weight may hold anything
+    scale_of = {0: 0.5, 2: 2.0, 3: 3.0}
+    want = torch.zeros(5, 6, dtype=torch.float64)
+    for t in range(5):
+        for j in range(2):
+            e = int(ids[t, j])
+            for c in range(6):
+                if e >= 0 and int(col_expert[c]) == e:
+                    want[t, c] += w[t, j] * scale_of[e]
+    got = reference.column_gate(ids, w, col_expert, col_scale, 4)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)  # a repeated expert: (w0 + w1)·s vs w0·s + w1·s
+    assert reference.column_gate(ids, w, col_expert, col_scale, 4, torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_minus_one_slots_contribute_nothing_and_get_zero_grad():
     A, Bt, col_expert, col_scale, scale = make_bank([3, 2], 6, 5)
     ids = torch.tensor([[0, -1], [-1, -1], [1, 0]])

@@ -6,14 +6,15 @@ hundreds of stalls per step. Tensors on the ``meta`` device carry no data, so an
 there: running the routing on meta tensors is a CPU-only check that no sync is left.
 """
 
+import pytest
 import torch
 
-from moelora.balance import LoadTracker
 from moelora.kernels import build_routing_plan
 from moelora.routers.flylora import FlyLoRARouter
 from moelora.routers.meteora import MeteoRARouter
 from moelora.routers.sira import SiRARouter
 from moelora.routers.topk import TopKRouter
+from moelora.tracker import LoadTracker
 
 META = torch.device("meta")
 T, D, E = 12, 8, 4
@@ -68,12 +69,17 @@ def test_flylora_bias_counts_and_routing_plan_without_a_sync():
     assert plan.sorted_slot_ids.device == META
 
 
-def test_tracker_record_without_a_sync():
+@pytest.mark.parametrize("defer", [True, False], ids=["deferred", "one-by-one"])
+def test_tracker_record_without_a_sync(defer):
     ids, mask = torch.empty(T, 2, dtype=torch.long, device=META), torch.empty(T, dtype=torch.bool, device=META)
     tracker = LoadTracker()
+    tracker.DEFER_MAX_TOKENS = T if defer else 0
     tracker.record("l", E, ids, torch.empty(T, E, device=META), torch.empty(E, device=META), mask,
                    task_ids=torch.empty(T, dtype=torch.long, device=META), num_tasks=3)
-    tracker.record("l", E, ids, None, None, None)
+    tracker.record("l", E, ids, torch.empty(T, E, device=META), None, None)
+    tracker.record("l", E, ids, torch.empty(T, E, device=META), torch.empty(E, device=META), mask)
+    assert len(tracker._deferred) == (3 if defer else 0)
+    tracker._record_deferred()  # the batched add: concatenated, with filled-in masks and task ids
     pending = tracker._pending["l"]
     assert pending.forwards.device == META and pending.tokens.device == META  # counters stay on the device
 
@@ -113,4 +119,7 @@ def test_a_whole_training_step_and_eval_forward_without_a_sync():
         aux = moelora.aux_loss(model)
         (y.sum() if aux is None else y.sum() + aux).backward()
         model.eval()(torch.empty(3, 5, D, device=META))
-        assert moelora.routing_stats(model)._pending, type(config).__name__
+        tracker = moelora.routing_stats(model)
+        assert tracker._deferred, "15 tokens: deferred"
+        tracker._record_deferred()  # the batched add, still without a sync
+        assert tracker._pending, type(config).__name__

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from moelora.balance import LayerStats
+from moelora.tracker import LayerStats
 
 from .store import StoreContents, Window
 

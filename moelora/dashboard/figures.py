@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from moelora.balance import LayerStats
+from moelora.tracker import LayerStats
 
 from . import analysis as A
 from .store import StoreContents

@@ -16,7 +16,7 @@ Layout, under the run's log directory::
              "layers": {name: {"omega": [floats], "status": "active"|"disconnected", "ranks" (optional)}}}
 
 A window holds what the tracker accumulated since the previous record (the
-:meth:`~moelora.balance.LayerStats.since` difference), so every recorded forward is in exactly
+:meth:`~moelora.tracker.LayerStats.since` difference), so every recorded forward is in exactly
 one window and any span of training is a sum of windows. ``counts``, ``dropped``,
 ``coactivation`` and ``task_counts`` are slot counts; ``prob_sum`` is the sum of router
 probabilities over ``tokens`` real tokens (mean probability = prob_sum / tokens).
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from moelora.balance import LayerStats
+from moelora.tracker import LayerStats
 
 FORMAT = "moelora-routing"
 VERSION = 1

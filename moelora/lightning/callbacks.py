@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 import moelora
-from moelora.balance import LayerStats
+from moelora.tracker import LayerStats
 
 METRICS = ("entropy", "max_share", "dead_fraction", "drop_rate")
 

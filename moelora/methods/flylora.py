@@ -236,7 +236,7 @@ class FlyLoRALinear(MoELoRALinear):
         """``(α/r) · B (h ⊙ mask)`` with ``h = A x`` for ``flat [T, d_in]``; the chosen ranks are
         recorded and the balancing bias updated after training forwards, never in recompute."""
         router = self.router
-        delta, idx = rankwise_lora(self.dropout(flat.to(self.bank.A.dtype)), self.bank.A, self.bank.Bt,
+        delta, idx = rankwise_lora(self._expert_input(flat), self.bank.A, self.bank.Bt,
                                    router.top_k, bias=router.routing_bias(recompute), score=router.score,
                                    scale=self.scale_value, grad_x=self.grad_x, backend=self.backend)
         if not recompute:

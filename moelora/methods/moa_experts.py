@@ -171,7 +171,7 @@ class MoALoRALinear(MoELoRALinear):
         """``w[t] · scale · B A dropout(x_t)`` for ``x [n, d_in]``, ``w [n]`` → ``[n, d_out]``."""
         bank = self.bank
         ids = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-        return gated_lora(self.dropout(x.to(bank.A.dtype)), bank.A, bank.Bt, ids, w.unsqueeze(1), bank.col_expert,
+        return gated_lora(self._expert_input(x), bank.A, bank.Bt, ids, w.unsqueeze(1), bank.col_expert,
                           bank.col_scale(), num_experts=1, backend=self.backend, ranks=bank.ranks,
                           check_layout=False)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from moelora.balance import LoadTracker
+from moelora.tracker import LoadTracker
 from moelora.kernels.ops import device_constant
 from moelora.experts import ExpertBank
 
@@ -29,7 +29,7 @@ PLUS_INITS = ("zero_b", "zero_a")
 
 # ----------------------------------------------------------------------------- tracker
 class WeightLoRATracker(LoadTracker):
-    """A :class:`~moelora.balance.LoadTracker` that also holds WeightLoRA's gates.
+    """A :class:`~moelora.tracker.LoadTracker` that also holds WeightLoRA's gates.
 
     Attributes:
         gates: ``{layer name: {"omega": [floats], "status": "active" | "disconnected",
