@@ -1,7 +1,8 @@
 """Activation checkpointing that replays each forward's routing context on recomputation.
 
 A wrapped layer reads more than its input from the adapter state: the token mask (padding),
-whether adapters are enabled, MeteoRA's task ids and forced routing. Activation checkpointing
+whether adapters are enabled, MeteoRA's task ids and forced routing; a FlyLoRA layer also changes
+its balancing bias after each training forward. Activation checkpointing
 recomputes a block in backward, after later forwards may have changed them; when two forwards
 share one backward (contrastive pairs, summed micro-batches), forward 1's recomputation would read
 forward 2's mask, so padding would take SiRA's capacity and count in the aux loss, and a backward
@@ -17,7 +18,7 @@ therefore carries the :class:`ForwardContext` of the forward that made it into i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.utils.checkpoint
@@ -40,12 +41,15 @@ class ForwardContext:
         enabled: ``False`` inside :func:`moelora.disable_adapters`.
         task_ids: the ids :func:`moelora.set_task_ids` gave this forward (MeteoRA gate supervision).
         forcing: the :func:`moelora.select_experts` routing (see :func:`set_forcing`), or ``None``.
+        saved: what layers that change state in a forward left for its recomputation, keyed by
+            layer name (FlyLoRA: the balancing bias it routed with, before its update).
     """
 
     mask: Tensor | None
     enabled: bool
     task_ids: Tensor | None
     forcing: Forcing | None
+    saved: dict[str, Tensor] = field(default_factory=dict, compare=False)
 
     @classmethod
     def capture(cls, state: AdapterState) -> ForwardContext:

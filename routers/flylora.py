@@ -58,6 +58,8 @@ class FlyLoRARouter(FullPrecisionBuffers, nn.Module):
         # The bias the last training forward routed with, before its update. An activation-
         # checkpoint recompute of that forward (in its backward) must pick the same ranks, or the
         # recomputed mask would not match the forward's output and the gradients would be wrong.
+        # moelora.checkpoint gives each forward's recompute its own (ForwardContext.saved); this
+        # one serves a plain torch.utils.checkpoint.
         self._bias_used: Tensor | None = None
 
     def routing_bias(self, recomputing: bool) -> Tensor:

@@ -306,6 +306,23 @@ def test_checkpoint_recompute_neither_updates_nor_reroutes(reentrant):
     assert not torch.equal(first, probe.fc1.last_expert_ids)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_two_forwards_sharing_one_backward_recompute_with_their_own_bias(reentrant):
+    """Forward 2 routes with forward 1's update; with moelora.checkpoint each recomputation must
+    route with the bias its own forward used (not the last one), or the gradients change."""
+    g = torch.Generator().manual_seed(8)
+    x1, x2 = (torch.randn(2, 6, D_IN, dtype=torch.float64, generator=g) for _ in range(2))
+    grads = []
+    for use_checkpoint in (False, True):
+        model = flylora_net(B_seed=5, bias_update_rate=1.0).train()
+        run = (lambda x: moelora.checkpoint(model, model, x, use_reentrant=reentrant)) if use_checkpoint else model
+        xs = [x.clone().requires_grad_(True) for x in (x1, x2)]
+        (run(xs[0]).square().sum() + run(xs[1]).square().sum()).backward()
+        grads.append([l.bank.Bt.grad.clone() for l in moelora.wrapped_layers(model)] + [x.grad for x in xs])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-12)
+
+
 def test_save_load_reproduces_outputs_and_bias(tmp_path):
     model = flylora_net(B_seed=6, bias_update_rate=0.1).train()
     x = torch.randn(2, 5, D_IN, dtype=torch.float64)

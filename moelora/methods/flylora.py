@@ -235,14 +235,21 @@ class FlyLoRALinear(MoELoRALinear):
     def _expert_delta(self, flat: Tensor, mask: Tensor | None, recompute: bool) -> Tensor:
         """``(α/r) · B (h ⊙ mask)`` with ``h = A x`` for ``flat [T, d_in]``; the chosen ranks are
         recorded and the balancing bias updated after training forwards, never in recompute."""
-        router = self.router
+        router, replay = self.router, self._state.replay
+        bias = router.routing_bias(recompute)
+        if recompute and replay is not None:
+            # Under moelora.checkpoint each recomputation has its own forward's bias: two forwards
+            # sharing one backward route with different ones (the first one's update in between).
+            bias = replay.saved.get(self.name, bias)
         delta, idx = rankwise_lora(self._expert_input(flat), self.bank.A, self.bank.Bt,
-                                   router.top_k, bias=router.routing_bias(recompute), score=router.score,
+                                   router.top_k, bias=bias, score=router.score,
                                    scale=self.scale_value, grad_x=self.grad_x, backend=self.backend)
         if not recompute:
             self._remember(router.routing(idx), mask)
-            if self.training:
+            if self.training and router.bias_update_rate:
                 router.update(idx, mask)
+                if replay is not None:
+                    replay.saved[self.name] = router.routing_bias(True)  # the bias before this update
         return delta
 
     def extra_repr(self) -> str:
