@@ -41,8 +41,10 @@ def switch_loss(probs: Tensor, expert_ids: Tensor, token_mask: Tensor | None = N
 
 
 def z_loss(logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
-    """Router z-loss (ST-MoE): ``mean_t logsumexp(logits_t)²``; ``logits [T, E]``."""
-    return _masked_mean(torch.logsumexp(logits.float(), dim=-1) ** 2, token_mask)
+    """Router z-loss (ST-MoE): ``mean_t logsumexp(logits_t)²``; ``logits [T, E]``, in at least
+    float32 (float64 logits stay float64)."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return _masked_mean(torch.logsumexp(wide, dim=-1) ** 2, token_mask)
 
 
 def recomputing() -> bool:

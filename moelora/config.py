@@ -85,14 +85,16 @@ class MoELoRAConfig:
     router_noise_std: float = 0.0
     """Std of Gaussian noise added to router logits in training (0 = off)."""
     router_init_std: float = 0.02
-    """Router weights are initialised N(0, router_init_std²); 0 gives uniform routing."""
+    """Router weights are initialised N(0, router_init_std²). 0 starts every token with uniform
+    probabilities, so each picks experts 0..k-1 (ties go to the lowest index) until the router
+    learns."""
     aux_loss_coef: float = 0.01
     """Weight of the Switch load-balancing loss ``E · Σ_e f_e · P_e`` (0 = off)."""
     z_loss_coef: float = 0.0
     """Weight of the router z-loss ``mean(logsumexp(logits)²)`` (0 = off)."""
     init_lora_weights: str = "kaiming"
     """Init of A: ``"kaiming"`` (PEFT's default, kaiming-uniform a=√5) or ``"gaussian"``
-    (N(0, 1/r)). B always starts at zero so the wrapped model starts equal to the base."""
+    (N(0, 1/r²), PEFT's). B always starts at zero so the wrapped model starts equal to the base."""
     seed: int | None = None
     """If set, adapter weights are drawn from a generator seeded by (seed, module name), so the
     same config gives the same init whatever the injection order."""
@@ -119,6 +121,9 @@ class MoELoRAConfig:
             _fail("top_k", self.top_k, f"an integer in [1, num_experts={self.num_experts}]")
         if not _is_number(self.alpha) or self.alpha <= 0:
             _fail("alpha", self.alpha, "a number > 0")
+        for name in ("use_rslora", "renormalize"):  # "false" is a truthy string
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "true or false")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
         for name in ("router_noise_std", "router_init_std", "aux_loss_coef", "z_loss_coef"):

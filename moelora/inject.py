@@ -235,7 +235,7 @@ class _CaptureMask:
                 self.position = _positional_index(module.forward, "attention_mask")
             if self.position is not None and self.position < len(args):
                 mask = args[self.position]
-        self.state.token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        self.state.token_mask = real_token_mask(mask)
         self.state.in_forward = True
         if self.checkpointed is None:
             self.checkpointed = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
@@ -243,6 +243,33 @@ class _CaptureMask:
             func = m.__dict__.get("_gradient_checkpointing_func")
             if func is not None and not isinstance(func, ReplayingCheckpoint):
                 m._gradient_checkpointing_func = ReplayingCheckpoint(func, self.state)
+
+
+def real_token_mask(attention_mask) -> Tensor | None:
+    """``[B·S]`` bool mask of the real (non-padding) tokens of a forward, from its ``attention_mask``;
+    ``None`` when it tells nothing (then every token counts as real).
+
+    - 2-D ``[B, S]``, 1 = real token: as is.
+    - 3-D ``[B, Q, K]`` / 4-D ``[B, heads, Q, K]``, as transformers' static-cache ``generate`` and
+      packed training pass: bool (True = may attend) or additive float (0 = may attend, a large
+      negative number = masked). A query that may attend no key is padding (left padding); when
+      ``Q == K`` (no cache) so is one that may not attend itself (its own key is masked: right
+      padding). Read on the device: no sync.
+    - a dict of such masks (per attention type): its ``"full_attention"`` entry.
+    """
+    mask = attention_mask
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if not isinstance(mask, Tensor) or mask.dim() not in (2, 3, 4):
+        return None
+    if mask.dim() == 2:
+        return mask.reshape(-1).bool()
+    scores = mask if mask.dim() == 3 else mask[:, 0]
+    allowed = scores > torch.finfo(scores.dtype).min / 2 if scores.is_floating_point() else scores.bool()
+    real = allowed.any(-1)                                    # [B, Q]
+    if allowed.shape[1] == allowed.shape[2]:
+        real = real & allowed.diagonal(dim1=1, dim2=2)
+    return real.reshape(-1)
 
 
 def _positional_index(forward, name: str) -> int | None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moelora.kernels.ops import autocast_off
+from moelora.kernels.reference import topk_lowest_index
 
 
 @dataclass
@@ -54,3 +55,12 @@ def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     dtype = torch.promote_types(weight.dtype, torch.float32)
     with autocast_off(x.device.type):
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def top_k(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``values.topk(k, dim=-1)`` for ``values [T, E]`` → ``(top [T, k], ids [T, k] int64)``, ties
+    to the lowest index. ``torch.topk`` leaves the order of equal values unspecified (on CPU a
+    zero-initialised router sent every token to experts 3 and 5 of 6), so routing would depend on
+    the device and the build; this picks experts ``0..k-1`` there, as FlyLoRA's ranks do."""
+    ids = topk_lowest_index(values, k)
+    return values.gather(1, ids), ids

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moelora.kernels.ops import autocast_off, device_constant
 
-from .base import Routing, router_logits
+from .base import Routing, router_logits, top_k
 
 
 class MeteoRARouter(nn.Module):
@@ -86,12 +86,12 @@ class MeteoRARouter(nn.Module):
             logits = logits + torch.randn_like(logits) * self.noise_std
         if self.training:
             probs = logits.softmax(dim=-1)
-            weights, expert_ids = probs.topk(self.top_k, dim=-1)
+            weights, expert_ids = top_k(probs, self.top_k)
             if self.renormalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
         else:
             probs = (logits / self.temperature).softmax(dim=-1)
-            top, expert_ids = logits.topk(self.top_k, dim=-1)
+            top, expert_ids = top_k(logits, self.top_k)
             weights = (top / self.temperature).softmax(dim=-1)
         if self.forced is not None:
             expert_ids, weights = self._forced_routing(x.shape[0], logits)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from moelora.balance import switch_loss, z_loss
+from moelora.kernels.reference import topk_lowest_index
 
 from .base import Routing, router_logits
 
@@ -217,7 +218,7 @@ class SiRARouter(nn.Module):
         gate, alive = self._gate(logits, probs)
         # Dead experts rank below every survivor (even one whose probability underflowed to 0).
         score = gate if alive is None else gate.masked_fill(~alive, float("-inf"))
-        ids = score.topk(self.top_k, dim=-1).indices
+        ids = topk_lowest_index(score, self.top_k)  # ties to the lowest index (see base.top_k)
         valid = torch.ones_like(ids, dtype=torch.bool) if alive is None else alive.gather(1, ids)
         if token_mask is not None:
             valid = valid & token_mask.view(-1, 1)

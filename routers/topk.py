@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from moelora.balance import switch_loss, z_loss
 
-from .base import Routing, router_logits
+from .base import Routing, router_logits, top_k
 
 
 class TopKRouter(nn.Module):
@@ -50,7 +50,7 @@ class TopKRouter(nn.Module):
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         probs = logits.softmax(dim=-1)
-        weights, expert_ids = probs.topk(self.top_k, dim=-1)
+        weights, expert_ids = top_k(probs, self.top_k)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(expert_ids=expert_ids, weights=weights, probs=probs,

@@ -37,10 +37,13 @@ def _configs():
 def _model(method: str, tmp_path):
     if method == "meteora":
         for i, name in enumerate(("a", "b")):
+            base = tiny_llama()  # seeds torch itself: the LoRA seed comes after it
             torch.manual_seed(10 + i)
-            peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False)
+            peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False)
                                 ).save_pretrained(str(tmp_path / name))
         model = moelora.from_lora_adapters(tiny_llama(), {n: str(tmp_path / n) for n in ("a", "b")})
+        bank = moelora.wrapped_layers(model)[0].bank
+        assert not torch.equal(bank.lora_pair(0)[0], bank.lora_pair(1)[0]), "two distinct LoRAs, or routing is moot"
     else:
         model = moelora.inject(tiny_llama(), _configs()[method])
     g = torch.Generator().manual_seed(1)  # LoRA B starts at zero: move every trainable weight

@@ -72,6 +72,23 @@ def test_z_loss_value():
     logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
     want = (math.log(2) ** 2 + math.log(math.e + math.e ** 2) ** 2) / 2
     assert z_loss(logits).item() == pytest.approx(want, rel=1e-6)
+    exact = z_loss(logits.double())  # float64 logits (model.double()) keep float64
+    assert exact.dtype == torch.float64 and exact.item() == pytest.approx(want, rel=1e-14)
+
+
+def test_a_zero_router_breaks_ties_to_the_lowest_experts():
+    # Equal probabilities everywhere: torch.topk's tie order is unspecified (CPU picked 3 and 5 of 6).
+    from moelora.routers.meteora import MeteoRARouter
+    from moelora.routers.sira import SiRARouter
+
+    x = torch.randn(9, 6)
+    cases = [(TopKRouter(in_features=6, num_experts=6, top_k=2, init_std=0.0), (True, False)),
+             (MeteoRARouter(in_features=6, num_experts=6, top_k=2, init_std=0.0), (True, False)),
+             (SiRARouter(in_features=6, num_experts=6, top_k=2, init_std=0.0, eval_capacity_factor=None), (False,))]
+    for router, modes in cases:
+        for training in modes:
+            ids = router.train(training)(x).expert_ids
+            assert ids.tolist() == [[0, 1]] * 9, (type(router).__name__, training)
 
 
 def test_aux_loss_in_graph_only_in_training():

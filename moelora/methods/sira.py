@@ -46,8 +46,9 @@ class SiRAConfig(MoELoRAConfig):
     eval_capacity_factor: float | None = 2.0
     """Capacity factor in eval mode (Switch / OpenMoE default 2.0). ``None`` = no limit. With a
     limit a token's output depends on the other tokens of its forward, so ``generate`` with the
-    KV cache (one token per step, never dropped) differs from an uncached forward; ``None``
-    makes inference token-independent."""
+    KV cache differs from an uncached forward (a decode step routes one token per sequence: a
+    single sequence is never dropped, a batch of them can be); ``None`` makes inference
+    token-independent."""
     min_capacity: int = 4
     """Lower bound on every expert's capacity per group (DeepSpeed ``MoE(min_capacity=4)``), so
     tiny batches are not starved. ``0`` disables the floor."""
