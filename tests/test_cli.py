@@ -7,7 +7,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+import moelora
 
 from moelora.cli import build_cli, main
 
@@ -58,6 +61,26 @@ def test_every_config_fits_a_few_steps(config, tmp_path, monkeypatch, capsys, re
     assert (tmp_path / "runs" / "tensorboard" / "version_0" / "routing_stats.json").is_file()
     metrics = (tmp_path / "runs" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "train/loss" in metrics and "train/aux_loss" in metrics and "routing/mean_entropy" in metrics
+
+
+def test_a_meteora_checkpoint_loads_without_its_lora_directories(tmp_path, monkeypatch, capsys, request):
+    # The checkpoint holds every expert weight; the YAML's relative `loras/<task>` paths must not
+    # be needed again (another working directory, moved folders).
+    from moelora.lightning import MoELoRAModule
+
+    meteora = [p for p in CONFIGS if p.name == "meteora.yaml"][0]
+    _in_run_dir(meteora, tmp_path, monkeypatch, request)
+    main(["fit", "-c", str(meteora), *FAST])
+    ckpt = next((tmp_path / "runs").rglob("*.ckpt"))
+    (tmp_path / "loras").unlink()
+    monkeypatch.chdir(tmp_path / "runs")
+    module = MoELoRAModule.load_from_checkpoint(ckpt, weights_only=True)
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    banks = {k: v for k, v in module.state_dict().items() if ".bank." in k}
+    assert banks and all(torch.equal(v, saved[k]) for k, v in banks.items())
+    assert len(moelora.wrapped_layers(module.model)) == len(module.hparams["adapter_layout"])
+    batch = {"input_ids": torch.tensor([[101, 2023, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    assert torch.isfinite(module.eval()(batch).logits).all()
 
 
 def test_print_config(tmp_path, monkeypatch, capsys):

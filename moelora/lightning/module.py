@@ -21,6 +21,7 @@ from torch import Tensor
 import moelora
 from moelora.config import MoELoRAConfig, config_from_dict
 from moelora.inject import adapter_state_dict
+from moelora.methods.meteora import MeteoRAConfig
 from moelora.state import get_state
 
 from .data import TASK_KINDS, load_tokenizer, resolve_path
@@ -70,13 +71,18 @@ class MoELoRAModule(L.LightningModule):
         backbone_dropout: keep the backbone's own dropout layers active in training (as PEFT
             does); ``False`` zeroes them, making training deterministic given the data order.
         adapter_dir: where ``on_train_end`` writes ``save_adapter`` (default: ``<log_dir>/adapter``).
+        adapter_layout: leave unset. The module records it in its checkpoints for MeteoRA (each
+            fused module's expert ranks, beside the fused config), so that a checkpoint rebuilds
+            the adapter without re-reading the PEFT LoRA directories: its weights are all in the
+            checkpoint, and the directories may have moved or be relative to another directory.
     """
 
     def __init__(self, method: MoELoRAConfig | dict, *, backbone: str = "minilm",
                  task: str = "sequence-classification", num_labels: int = 2,
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
                  router_lr: float | None = None, gradient_checkpointing: bool = False,
-                 backbone_dropout: bool = True, adapter_dir: str | None = None) -> None:
+                 backbone_dropout: bool = True, adapter_dir: str | None = None,
+                 adapter_layout: dict[str, list[int]] | None = None) -> None:
         super().__init__()
         if task not in TASK_KINDS:
             raise ValueError(f"model.task={task!r} is invalid: expected one of {TASK_KINDS}")
@@ -95,7 +101,15 @@ class MoELoRAModule(L.LightningModule):
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
-        moelora.inject(self.model, self.method)
+        if adapter_layout is not None:  # a checkpoint's own adapter: the weights come with it
+            moelora.inject(self.model, self.method, expert_ranks=adapter_layout)
+        else:
+            moelora.inject(self.model, self.method)
+        if isinstance(self.method, MeteoRAConfig):
+            fused = get_state(self.model).config  # exact targets, resolved directories, provenance
+            self.hparams["method"] = fused.to_dict()
+            self.hparams["adapter_layout"] = {layer.name: list(layer.bank.ranks)
+                                              for layer in moelora.wrapped_layers(self.model)}
         self.model.train()  # from_pretrained returns eval mode; train as PEFT does (backbone dropout on)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
