@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import config_from_dict
+from .paths import make_output_dir
 from .inject import AdapterPlan, adapter_state_dict, attach_adapter, build_adapter
 from .layer import MoELoRALinear
 from .state import get_state
@@ -119,8 +120,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     written. Existing files of another adapter in ``path`` are replaced whole, never partially.
     """
     state = get_state(model)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(path, "save_adapter path")
     tensors = {}
     for name in state.wrapped + state.saved_modules:
         for key, t in adapter_state_dict(model.get_submodule(name)).items():
@@ -174,6 +174,12 @@ def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{config_file} is not valid JSON ({err}); the adapter directory is damaged.") from err
     if not isinstance(meta, dict) or meta.get("format") != "moelora-adapter" or "config" not in meta:
         raise ValueError(f"{config_file} is not a moelora adapter config (missing 'format'/'config').")
+    modules = meta.get("modules", {})
+    if not isinstance(meta["config"], dict) or not isinstance(modules, dict) or not all(
+            isinstance(m, dict) and isinstance(m.get("ranks"), list)
+            and all(isinstance(r, int) and not isinstance(r, bool) for r in m["ranks"]) for m in modules.values()):
+        raise ValueError(f"{config_file} is damaged: 'config' must be an object and 'modules' an object of "
+                         "{module name: {\"ranks\": [integers]}}; re-save the adapter.")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{config_file} has format_version {meta['format_version']}, newer than this "
                          f"moelora supports ({FORMAT_VERSION}); upgrade moelora.")

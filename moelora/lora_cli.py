@@ -140,10 +140,11 @@ def import_lora_main(argv: list[str] | None = None) -> int:
         from . import from_lora_adapters, save_adapter
         from .io import CONFIG_NAME
         from .lora_import import read_lora_config
+        from .paths import check_model_location, check_output_dir
 
         adapters = _pairs(args.adapters, "adapter")
         config = _meteora_config(args)
-        out = Path(args.output)
+        out = check_output_dir(args.output, "-o/--output")
         if (out / CONFIG_NAME).exists() and not args.overwrite:
             raise FileExistsError(f"{out} already holds a moelora adapter; pass --overwrite to replace it.")
         configs = [read_lora_config(path, name=name, drop_heads=config.adapter_heads == "drop")
@@ -155,6 +156,7 @@ def import_lora_main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"cannot tell the base model from the adapters (they name {sorted(named) or 'none'}); "
                                  "pass --base NAME_OR_PATH.")
             base = next(iter(named))
+        check_model_location(base, "--base" if args.base is not None else "the adapters' base_model_name_or_path")
         model = _load_base(base, args.model_class, configs, args.num_labels)
         try:
             from_lora_adapters(model, adapters, config=config)

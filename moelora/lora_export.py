@@ -40,6 +40,7 @@ from .layer import wrapped_layers
 from .lora_import import CONFIG_FILE, PEFT_PREFIX, SAFETENSORS_FILE
 from .merge import refuse_static
 from .methods.meteora import expert_names, resolve_expert_weights
+from .paths import check_output_dir, make_output_dir
 from .state import get_state
 
 PROVENANCE_FILE = "moelora_provenance.json"
@@ -177,8 +178,7 @@ def _with_omega(scale: Tensor, omega: Tensor | None) -> Tensor:
 
 
 def _check_out_dir(directory: Path, overwrite: bool) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory} exists and is not a directory; pick another output path.")
+    check_output_dir(directory, "export directory")
     blocked = [f for f in (CONFIG_FILE, SAFETENSORS_FILE, PROVENANCE_FILE)
                if (directory / f).exists() and not (directory / f).is_file()]
     if blocked:  # found now, before any directory of this export is written
@@ -192,7 +192,7 @@ def _check_out_dir(directory: Path, overwrite: bool) -> None:
 def _write_peft_dir(directory: Path, config: dict[str, Any], tensors: dict[str, Tensor],
                     provenance: dict[str, Any]) -> None:
     texts = {CONFIG_FILE: json.dumps(config, indent=2), PROVENANCE_FILE: json.dumps(provenance, indent=2)}
-    directory.mkdir(parents=True, exist_ok=True)
+    make_output_dir(directory, "export directory")
     _atomic_write(directory / SAFETENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     for name, text in texts.items():
         _atomic_write(directory / name, lambda tmp, text=text: Path(tmp).write_text(text))

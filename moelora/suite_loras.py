@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from moelora.data.suite import TASKS, generate
+from moelora.paths import make_output_dir
 
 DEFAULT_TARGETS = ("query", "key", "value", "dense")
 
@@ -88,7 +89,7 @@ def make_suite_loras(out_dir: str | Path, *, tasks: Sequence[str] = TASKS, overw
     clash = [str(out / t) for t in tasks if (out / t).exists()]
     if clash and not overwrite:
         raise FileExistsError(f"{clash} already exist; pass overwrite=True (--overwrite) or pick another directory.")
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "suite-loras output")
     written = {}
     for task in tasks:
         model = train_task_lora(task, **train_kwargs)

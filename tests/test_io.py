@@ -115,6 +115,32 @@ def test_truncated_file_and_bad_json(saved):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("damage", [
+    lambda m: m.__setitem__("config", None), lambda m: m.__setitem__("config", [1]),
+    lambda m: m.__setitem__("modules", [1]), lambda m: m["modules"].__setitem__(next(iter(m["modules"])), None),
+    lambda m: m["modules"][next(iter(m["modules"]))].__setitem__("ranks", ["2", 2]),
+], ids=["config-null", "config-list", "modules-list", "module-null", "ranks-strings"])
+def test_wrongly_typed_config_fields_are_named_and_model_unchanged(saved, damage):
+    meta = json.loads((saved / CONFIG_NAME).read_text())
+    damage(meta)
+    (saved / CONFIG_NAME).write_text(json.dumps(meta))
+    model = tiny_llama()
+    snap = state_snapshot(model)
+    with pytest.raises(ValueError, match=f"{CONFIG_NAME} is damaged"):
+        moelora.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+def test_saving_onto_a_file_names_it_and_keeps_it(tmp_path, token_ids):
+    model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], num_experts=2, rank=2))
+    blocker = tmp_path / "taken"
+    blocker.write_text("keep me")
+    for target, where in ((blocker, "is a file"), (blocker / "inside", "lies inside")):
+        with pytest.raises(NotADirectoryError, match=f"save_adapter path .*{where}"):
+            moelora.save_adapter(model, target)
+    assert blocker.read_text() == "keep me"
+
+
 def test_adapter_for_other_modules_is_refused(saved):
     model = tiny_llama(layers=3)
     snap = state_snapshot(model)

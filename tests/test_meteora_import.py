@@ -262,6 +262,14 @@ def test_cli_import_then_export(tmp_path, token_ids, capsys):
                                        loaded(token_ids).logits, atol=1e-5, rtol=0)
     assert import_lora_main(["a=" + str(tmp_path / "missing"), "-o", str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    assert import_lora_main([f"{n}={p}" for n, p in adapters.items()] + ["-o", str(tmp_path / "z"),
+                            "--base", str(tmp_path / "no_base")]) == 1
+    assert "--base" in (err := capsys.readouterr().err) and "is no directory" in err
+    (tmp_path / "file").write_text("")
+    assert import_lora_main([f"{n}={p}" for n, p in adapters.items()] + ["-o", str(tmp_path / "file")]) == 1
+    assert "-o/--output" in (err := capsys.readouterr().err) and "is a file" in err
+    assert export_lora_main([str(fused), "-o", str(tmp_path / "file")]) == 1
+    assert "lies inside" in capsys.readouterr().err
     assert export_lora_main([str(fused), "-o", str(tmp_path / "y"), "--collapse", "zz=1"]) == 1
     assert "unknown expert 'zz'" in capsys.readouterr().err
 

@@ -22,6 +22,7 @@ import moelora
 from moelora.config import MoELoRAConfig, config_from_dict
 from moelora.inject import adapter_state_dict
 from moelora.methods.meteora import MeteoRAConfig
+from moelora.paths import check_model_location
 from moelora.state import get_state
 
 from .data import TASK_KINDS, load_tokenizer, resolve_path
@@ -121,10 +122,7 @@ class MoELoRAModule(L.LightningModule):
         from transformers.utils import logging as hf_logging
 
         path = str(resolve_path(self.hparams.backbone))
-        if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
-            # else the hub client reports a malformed "repo id"
-            raise FileNotFoundError(f"model.backbone={path!r} is no directory; give a local model directory, a hub "
-                                    "name, or 'minilm' (the bundled all-MiniLM-L6-v2).")
+        check_model_location(path, "model.backbone", also=", or 'minilm' (the bundled all-MiniLM-L6-v2)")
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # a fresh classification head's notice is expected
         try:

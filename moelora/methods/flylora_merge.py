@@ -29,6 +29,7 @@ from torch import Tensor
 
 from moelora.config import config_from_dict
 from moelora.io import WEIGHTS_NAME, _read_tensors, read_adapter_meta, same_base_weights, write_adapter_files
+from moelora.paths import make_output_dir
 
 from .flylora import FlyLoRAConfig
 
@@ -140,7 +141,6 @@ def merge_flylora(adapter_dirs: Sequence[str | os.PathLike], weights: Sequence[f
     meta = copy.deepcopy(metas[0])
     meta["config"].setdefault("extra", {})["merged_from"] = [
         {"path": str(d), "weight": wi} for d, wi in zip(dirs, w)]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir, "merge_flylora out_dir")
     write_adapter_files(out, merged, meta)
     return out
