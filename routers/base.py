@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moelora.kernels.ops import autocast_off
-from moelora.kernels.reference import topk_lowest_index
 
 
 @dataclass
@@ -62,5 +61,5 @@ def top_k(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
     to the lowest index. ``torch.topk`` leaves the order of equal values unspecified (on CPU a
     zero-initialised router sent every token to experts 3 and 5 of 6), so routing would depend on
     the device and the build; this picks experts ``0..k-1`` there, as FlyLoRA's ranks do."""
-    ids = topk_lowest_index(values, k)
-    return values.gather(1, ids), ids
+    top, ids = torch.sort(values, dim=-1, descending=True, stable=True)  # equal values keep index order
+    return top[:, :k], ids[:, :k]
