@@ -13,7 +13,7 @@ Docstrings cite the project's design notes as "design §N" and "research/<file>.
 ``../shared/design.md`` and ``../shared/research/`` beside the repository, not files in it.
 """
 
-import sys
+import sys as _sys
 
 from .tracker import LayerStats, LoadTracker
 from .checkpointing import checkpoint
@@ -61,7 +61,7 @@ __all__ += ["MoABlock", "MoAConfig", "MoAGates", "MoALoRALinear", "MoARouter", "
 # WeightLoRA / WeightLoRA+: a trainable weight per head (or expert), kept K-sparse, then pruned.
 from .methods import weightlora
 
-sys.modules[f"{__name__}.weightlora"] = weightlora  # `import moelora.weightlora`, as README writes it
+_sys.modules[f"{__name__}.weightlora"] = weightlora  # `import moelora.weightlora`, as README writes it
 from .methods.weightlora import WeightLoRAController, add_gates
 from .methods.weightlora_config import WeightLoRAConfig
 
