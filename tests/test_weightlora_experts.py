@@ -143,9 +143,15 @@ def test_add_gates_to_an_existing_adapter_then_keep_experts(token_ids, tmp_path)
             layer.bank.Bt.normal_()
     moelora.save_adapter(trained, tmp_path / "moe")
     model = moelora.load_adapter(tiny_llama(), tmp_path / "moe")
+    stats = moelora.routing_stats(model)  # a handle taken before the gates: it must stay live
     want = eval_logits(model, token_ids)
     moelora.add_gates(model, over="experts", keep=1, warmup_steps=2, threshold_start=1)
     torch.testing.assert_close(eval_logits(model, token_ids), want, atol=0, rtol=0)
+    assert stats is moelora.routing_stats(model) and all(s.forwards == 2 for s in stats.layers.values())
+    stats.enabled = False
+    eval_logits(model, token_ids)
+    assert all(s.forwards == 2 for s in moelora.routing_stats(model).layers.values())
+    stats.enabled = True
     cfg = weightlora.weightlora_config(model)
     assert cfg.base_method == moe().to_dict() and cfg.top_k == 2
     with pytest.raises(ValueError, match="already has WeightLoRA gates"):

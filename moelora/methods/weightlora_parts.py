@@ -71,12 +71,14 @@ class WeightLoRATracker(LoadTracker):
 
 
 def install_tracker(state) -> WeightLoRATracker:
-    """Make ``state.tracker`` a :class:`WeightLoRATracker` (keeping what it recorded); returns it."""
+    """Make ``state.tracker`` a :class:`WeightLoRATracker` (keeping what it recorded); returns it.
+
+    In place: a handle the user already holds (``stats = moelora.routing_stats(model)`` before
+    :func:`moelora.add_gates`) must stay the live tracker, its ``enabled`` and ``reset`` included."""
     tracker = state.tracker
     if not isinstance(tracker, WeightLoRATracker):
-        new = WeightLoRATracker()
-        new.layers, new.enabled = tracker.layers, tracker.enabled
-        state.tracker = tracker = new
+        tracker.__class__ = WeightLoRATracker
+        tracker.gates, tracker.expert_maps = {}, {}
     return tracker
 
 
