@@ -1,7 +1,9 @@
 """The routing store of a MoA run: its statistics and samples are keyed by the MoA blocks and
-name the blocks' types (q, v, down, ...), not by the type linears as anonymous one-expert layers."""
+name the blocks' types (q, v, down, ...), not by the type linears as anonymous one-expert layers.
+Also: a run whose routing turns NaN stops with the cause named."""
 
 import lightning as L
+import pytest
 import torch
 
 import moelora
@@ -49,3 +51,16 @@ def test_moa_store_is_keyed_by_blocks_with_type_names(tmp_path):
     html = build_report(tmp_path).read_text()
     for name in blocks[0].type_names:
         assert f'"{name}"' in html  # the report's expert axis names the types
+
+
+def test_non_finite_routing_stops_the_run_naming_the_cause(tmp_path):
+    # A NaN adapter (e.g. fp16 Adam with eps rounded to 0) used to end in the store's refusal
+    # "prob_sum is not 4 finite numbers", which names neither the weights nor the fix.
+    model = moelora.inject(tiny_llama(), moelora.MoELoRAConfig(target_modules=["q_proj"], num_experts=4, seed=0))
+    with torch.no_grad():
+        moelora.wrapped_layers(model)[0].router.weight.fill_(float("nan"))
+    batches = [{"input_ids": torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0)),
+                "attention_mask": torch.ones(2, 6, dtype=torch.long)}]
+    trainer = lightning_trainer(tmp_path, 1, [RoutingDashboard(every_n_steps=1, num_samples=0)])
+    with pytest.raises(FloatingPointError, match=r"NaN/inf in the train window.*16-true"):
+        trainer.fit(_LM(model), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))

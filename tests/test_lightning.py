@@ -396,3 +396,34 @@ def test_routing_logger_windows_leave_out_validation_and_sanity_forwards(tmp_pat
         for metric in ("entropy", "max_share", "dead_fraction"):
             want = sum(s[metric] for s in summaries) / len(summaries)
             assert values[f"routing/mean_{metric}"] == pytest.approx(want, rel=1e-9, abs=1e-12), metric
+
+
+def test_resume_with_another_batch_size_counts_the_examples_it_ran(tmp_path):
+    # Data settings may change on resume. 3 batches of 4 (12 examples), then 2 of 2: 16 examples of
+    # the epoch are done; counting 5 batches at the new size (10) would make a second resume
+    # train examples 10-15 again.
+    module, data = make(tmp_path)
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1)
+    lightning_trainer(tmp_path / "b", 3, [ckpt_cb]).fit(module, data)
+    module, _ = make(tmp_path)
+    data = TextDataModule(suite_train_per_task=3, suite_val_per_task=1, batch_size=2, seed=0)
+    again = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck2", every_n_train_steps=5, save_top_k=-1)
+    lightning_trainer(tmp_path / "c", 5, [again]).fit(module, data, ckpt_path=tmp_path / "ck" / "epoch=0-step=3.ckpt")
+    state = torch.load(tmp_path / "ck2" / "epoch=0-step=5.ckpt", weights_only=True)["TextDataModule"]
+    assert state == {"epoch": 0, "examples_done": 16}
+
+
+@pytest.mark.parametrize("wrapper", [False, True], ids=["torch", "lightning-cli"])
+def test_a_plateau_scheduler_steps_on_a_validation_metric(tmp_path, wrapper):
+    from functools import partial
+
+    from lightning.pytorch.cli import ReduceLROnPlateau as CliPlateau
+
+    factory = partial(CliPlateau, monitor="val/acc", mode="max") if wrapper else torch.optim.lr_scheduler.ReduceLROnPlateau
+    module, data = make(tmp_path, scheduler=factory)
+    config = module.configure_optimizers()["lr_scheduler"]
+    assert config["interval"] == "epoch" and config["monitor"] == ("val/acc" if wrapper else "val/loss")
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)  # Lightning refused a plateau scheduler without a monitor
+    assert trainer.current_epoch == 2

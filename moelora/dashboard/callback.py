@@ -173,6 +173,13 @@ class RoutingDashboard(L.Callback):
         now = self._stats()
         window = {n: s.since(self._last[n]) if n in self._last else s for n, s in now.items()}
         self._last = now
+        broken = [n for n, s in window.items() if not bool(torch.isfinite(s.prob_sum).all())]
+        if broken:  # the same on every rank (reduced): all of them stop
+            raise FloatingPointError(
+                f"router probabilities of {broken[:3]} are NaN/inf in the {stage} window ending at step "
+                f"{trainer.global_step}: the adapter's weights or the activations stopped being finite (see "
+                "train/loss). With precision='16-true', Adam's eps=1e-8 rounds to 0 in float16 and a zero "
+                "gradient gives 0/0; use '16-mixed', 'bf16-mixed' or 'bf16-true', or a larger eps.")
         if self.store is not None and trainer.is_global_zero:
             self.store.append_window(stage, trainer.global_step, window, epoch=trainer.current_epoch)
             gates = getattr(self._layers[0]._state.tracker, "gates", None)  # per-head weights (WeightLoRA ω)

@@ -159,6 +159,7 @@ class TextDataModule(L.LightningDataModule):
         self.train_set = self.val_set = self.test_set = None
         self._sampler: EpochSampler | None = None
         self._resume_skip = 0
+        self._resume_base: tuple[int, int, int] | None = None  # (epoch, examples, batches) at a resume
 
     # ------------------------------------------------------------------ data
     @property
@@ -262,6 +263,9 @@ class TextDataModule(L.LightningDataModule):
         if self._resume_skip and self.trainer is not None:
             self._sampler.set_epoch(self.trainer.current_epoch)
             self._sampler.skip, self._resume_skip = self._resume_skip, 0
+            # The restored batch count was made at the checkpoint's batch size, which may differ
+            # from this run's: count the examples from here on (see state_dict).
+            self._resume_base = (int(self.trainer.current_epoch), self._sampler.skip, self._batches_processed())
         return loader
 
     def val_dataloader(self) -> DataLoader:
@@ -284,9 +288,17 @@ class TextDataModule(L.LightningDataModule):
         """Examples of the current epoch already consumed (Lightning stores it in checkpoints)."""
         if self.trainer is None:
             return {}
+        epoch, done = int(self.trainer.current_epoch), self._batches_processed()
+        base = self._resume_base
+        if base is not None and base[0] == epoch and done >= base[2]:
+            examples = base[1] + (done - base[2]) * self.hparams.batch_size  # resumed with another batch size
+        else:
+            examples = done * self.hparams.batch_size
+        return {"epoch": epoch, "examples_done": examples}
+
+    def _batches_processed(self) -> int:
         # "processed", not "completed": checkpoints saved in on_train_batch_end see completed lag by one.
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": int(self.trainer.current_epoch), "examples_done": int(done) * self.hparams.batch_size}
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume_skip = int(state.get("examples_done", 0))

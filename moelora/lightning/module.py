@@ -66,7 +66,8 @@ class MoELoRAModule(L.LightningModule):
         task: ``"sequence-classification"`` or ``"causal-lm"``.
         num_labels: classes for sequence classification.
         optimizer: builds the optimizer from parameter groups (routers, experts).
-        scheduler: optional LR scheduler, stepped every optimizer step.
+        scheduler: optional LR scheduler, stepped every optimizer step; a ``ReduceLROnPlateau``
+            steps once per epoch on its ``monitor`` (Lightning's CLI wrapper) or ``val/loss``.
         router_lr: learning rate of the router group (default: the optimizer's).
         gradient_checkpointing: non-reentrant activation checkpointing of the backbone.
         backbone_dropout: keep the backbone's own dropout layers active in training (as PEFT
@@ -218,8 +219,13 @@ class MoELoRAModule(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # Steps on a validation metric, so once per epoch: the wrapper in lightning.pytorch.cli
+            # names it (`monitor`); a plain torch one watches val/loss.
+            return {"optimizer": optimizer, "lr_scheduler": {
+                "scheduler": scheduler, "interval": "epoch", "monitor": getattr(scheduler, "monitor", "val/loss")}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
     def adapter_keys(self) -> dict[str, torch.Size]:
